@@ -1,0 +1,351 @@
+"""Public functions. Each checks its arguments (errors name the argument), brings them to the
+canonical form the backends take, and hands them to the dispatch.
+
+Canonical op arguments (what every backend's ``Op.fn`` receives):
+
+- ``attention(q, k, v, mask, scale, is_causal, dropout_p, seed) -> out``
+  q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), any strides, Hq % Hkv == 0;
+  mask None or a (B, Hq, Nq, Nk) view (stride 0 where broadcast: never materialised), bool
+  (True = attend) or floating (added to the scores); scale a float; seed an int (dropout RNG).
+- ``softmax(x, mask, scale, is_causal, log) -> y``, along x's last dim, x (..., N) any strides;
+  mask None or a view of x's shape; is_causal masks column j > row i, i the index along dim -2.
+- ``feed_forward(x, w1, b1, w2, b2, activation, dropout_p, seed) -> out``, x (M, K).
+- ``layer_norm(x, weight, bias, eps, residual) -> (y, x + residual or None)``, x (M, N).
+- ``rms_norm(x, weight, eps, residual) -> (y, x + residual or None)``, x (M, N), eps a float.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from fastattn import dispatch, reference
+from fastattn.reference import ACTIVATIONS, GATED_ACTIVATIONS
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class DimError(IndexError, ValueError):
+    """A ``dim`` out of range (an IndexError as in torch, and a ValueError)."""
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks shared by the ops
+# --------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, t, ndim_min: int = 1) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.dim() < ndim_min:
+        raise ValueError(f"{name} must have at least {ndim_min} dims, got shape {tuple(t.shape)}")
+
+
+def _check_like(name: str, t, ref_name: str, ref: torch.Tensor) -> None:
+    """``t`` is a tensor of ``ref``'s dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must match")
+
+
+def _check_dropout(dropout_p) -> float:
+    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _check_mask(name: str, mask, target_shape, device) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"{name} must be bool (True = keep) or floating (added), got {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the inputs are on {device}")
+    try:
+        torch.broadcast_shapes(mask.shape, target_shape)
+        ok = len(mask.shape) <= len(target_shape) and torch.broadcast_shapes(mask.shape, target_shape) == target_shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to {tuple(target_shape)}")
+
+
+def _dropout_seed(dropout_p: float) -> int:
+    """A seed for the kernels' counter-based RNG, drawn from torch's (CPU) generator so that
+    torch.manual_seed makes dropout reproducible; 0 and no draw when there is no dropout."""
+    if dropout_p == 0.0:
+        return 0
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def _autocast(device_type: str, *tensors):
+    """Cast floating tensors to the autocast dtype when autocast is on (as torch's matmul ops)."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def _empty_like_graph(shape, like: torch.Tensor, *inputs) -> torch.Tensor:
+    """Zeros of ``shape`` that stay connected to ``inputs`` in autograd (zero gradients)."""
+    out = like.new_zeros(shape)
+    for t in inputs:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            out = out + t.sum() * 0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """softmax(Q·Kᵀ·scale + mask)·V with dropout on the weights; torch SDPA's signature and semantics.
+
+    Shapes::
+
+        query (..., Hq,  Nq, D)      out (..., Hq, Nq, Dv)
+        key   (..., Hkv, Nk, D)      Hq == Hkv, or Hq % Hkv == 0 with enable_gqa=True (GQA/MQA:
+        value (..., Hkv, Nk, Dv)     query head h reads key/value head h // (Hq // Hkv))
+
+    ``is_causal`` is top-left aligned as in torch: query i attends keys j <= i. For Nq=3, Nk=5::
+
+        keys   0 1 2 3 4
+        q0     x . . . .
+        q1     x x . . .
+        q2     x x x . .
+
+    ``attn_mask`` broadcasts to (..., Hq, Nq, Nk): bool (True = attend) or floating (added to the
+    scores). A key-padding mask is (B, 1, 1, Nk); it is read in place, never expanded. A query row
+    with no key left to attend gives zeros (and zero gradients), not NaN. Combined with
+    ``is_causal``, both apply.
+
+    ``dropout_p`` drops attention weights with a counter-based RNG seeded from torch's generator
+    (``torch.manual_seed`` reproduces it) and scales the kept ones by 1/(1 - dropout_p); the backward
+    regenerates the same mask. ``scale`` defaults to 1/sqrt(D).
+
+    The backend is chosen by ``fastattn.use_backend`` / ``FASTATTN_BACKEND``, else automatically.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t, ndim_min=2)
+    _check_like("key", key, "query", query)
+    _check_like("value", value, "query", query)
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(
+            f"query, key and value must have the same number of dims, got {query.dim()}, {key.dim()}, {value.dim()}"
+        )
+    if query.dim() == 2:  # (N, D): one head, no batch
+        out = scaled_dot_product_attention(
+            query[None], key[None], value[None], attn_mask, dropout_p, is_causal, scale, enable_gqa
+        )
+        return out[0]
+    batch, (h_q, n_q, d) = query.shape[:-3], query.shape[-3:]
+    h_kv, n_k = key.shape[-3], key.shape[-2]
+    if key.shape[:-3] != batch or value.shape[:-3] != batch:
+        raise ValueError(
+            f"batch dims differ: query {tuple(batch)}, key {tuple(key.shape[:-3])}, value {tuple(value.shape[:-3])}"
+        )
+    if key.size(-1) != d:
+        raise ValueError(f"key head dim {key.size(-1)} must equal query head dim {d}")
+    if value.shape[-3:-1] != key.shape[-3:-1]:
+        raise ValueError(
+            f"value (heads, length) {tuple(value.shape[-3:-1])} must equal key's {tuple(key.shape[-3:-1])}"
+        )
+    if h_kv != h_q:
+        if not enable_gqa:
+            raise ValueError(f"query has {h_q} heads but key/value {h_kv}; pass enable_gqa=True for GQA/MQA")
+        if h_kv == 0 or h_q % h_kv != 0:
+            raise ValueError(f"query heads ({h_q}) must be a multiple of key/value heads ({h_kv}) for GQA")
+    dropout_p = _check_dropout(dropout_p)
+    if scale is not None and not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
+    scale = float(scale)
+    out_shape = (*batch, h_q, n_q, value.size(-1))
+    if attn_mask is not None:
+        _check_mask("attn_mask", attn_mask, (*batch, h_q, n_q, n_k), query.device)
+
+    query, key, value = _autocast(query.device.type, query, key, value)
+    if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+        # Nq = 0 or B = 0: nothing to compute; Nk = 0: every row is fully masked, so zeros.
+        return _empty_like_graph(out_shape, query, query, key, value)
+
+    b = math.prod(batch)
+    q = query.reshape(b, h_q, n_q, d)
+    k = key.reshape(b, h_kv, n_k, d)
+    v = value.reshape(b, h_kv, n_k, value.size(-1))
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.expand(*batch, h_q, n_q, n_k).reshape(b, h_q, n_q, n_k)
+    seed = _dropout_seed(dropout_p)
+    out = dispatch.call("attention", q.device, q, k, v, mask, scale, bool(is_causal), dropout_p, seed)
+    return out.reshape(out_shape)
+
+
+# --------------------------------------------------------------------------------------------
+# softmax
+# --------------------------------------------------------------------------------------------
+
+
+def _softmax(x, dim, scale, mask, is_causal, log):
+    _check_tensor("x", x, ndim_min=0)
+    if not isinstance(dim, int) or not -max(x.dim(), 1) <= dim < max(x.dim(), 1):
+        raise DimError(f"dim {dim!r} is out of range for x with {x.dim()} dims")
+    if scale is not None and not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if is_causal and x.dim() < 2:
+        raise ValueError(f"is_causal needs x with at least 2 dims, got shape {tuple(x.shape)}")
+    if mask is not None:
+        _check_mask("mask", mask, x.shape, x.device)
+    if x.dim() == 0:
+        return _softmax(x[None], 0, scale, None if mask is None else mask[None], False, log)[0]
+    if torch.is_autocast_enabled(x.device.type):  # autocast runs softmax in float32, as torch's
+        x = x.float()
+    dim = dim % x.dim()
+    if x.numel() == 0:
+        return reference.softmax(x, dim, scale, mask, is_causal, log)
+    last = dim == x.dim() - 1
+    if is_causal and not last:  # the kernels' causal mask runs along rows; build it otherwise
+        causal = reference.causal_mask(x.size(-2), x.size(-1), x.device)
+        if mask is None:
+            mask = causal
+        elif mask.dtype == torch.bool:
+            mask = mask & causal
+        else:
+            mask = mask.masked_fill(~causal, float("-inf"))
+        is_causal = False
+    x_rows = x.movedim(dim, -1)
+    mask_rows = None if mask is None else mask.expand(x.shape).movedim(dim, -1)
+    scale = 1.0 if scale is None else float(scale)
+    y = dispatch.call("softmax", x.device, x_rows, mask_rows, scale, bool(is_causal), log)
+    return y.movedim(-1, dim)
+
+
+def softmax(x, dim=-1, *, scale=None, mask=None, is_causal=False):
+    """softmax(x·scale + mask) along ``dim``, computed in float32, returned in x's dtype.
+
+    ``mask`` broadcasts to x: bool (True = keep) or floating (added). ``is_causal`` masks
+    x[..., i, j] for j > i over x's last two dims. A fully masked row gives zeros, never NaN.
+    Any dim and strides: rows are read in place where the layout allows.
+    """
+    return _softmax(x, dim, scale, mask, is_causal, log=False)
+
+
+def log_softmax(x, dim=-1, *, scale=None, mask=None, is_causal=False):
+    """log(softmax(x·scale + mask)) along ``dim``; a fully masked row gives -inf (log of zeros)."""
+    return _softmax(x, dim, scale, mask, is_causal, log=True)
+
+
+# --------------------------------------------------------------------------------------------
+# feed-forward
+# --------------------------------------------------------------------------------------------
+
+
+def feed_forward(x, w1, b1=None, w2=None, b2=None, *, activation="gelu", dropout_p=0.0):
+    """act(x·w1ᵀ + b1)·w2ᵀ + b2, weights laid out as nn.Linear's, biases optional.
+
+    Shapes: x (..., d_model); w1 (hidden, d_model), or (2·hidden, d_model) for the gated
+    ``swiglu``/``geglu`` whose first ``hidden`` rows are the gate's (act(gate)·up); b1 (w1 rows,);
+    w2 (d_out, hidden); b2 (d_out,). Activations: relu, gelu (exact), gelu_tanh, silu, swiglu,
+    geglu. ``dropout_p`` drops the activation (before the second GEMM), as nn.Transformer does.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    _check_tensor("x", x)
+    if w2 is None:
+        raise TypeError("w2 is required")
+    for name, t in (("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2)):
+        if t is not None:
+            _check_like(name, t, "x", x)
+    if w1.dim() != 2 or w1.size(1) != x.size(-1):
+        raise ValueError(f"w1 must have shape (hidden, {x.size(-1)}) for x of shape {tuple(x.shape)}, got {tuple(w1.shape)}")
+    hidden = w1.size(0) // 2 if activation in GATED_ACTIVATIONS else w1.size(0)
+    if activation in GATED_ACTIVATIONS and w1.size(0) % 2:
+        raise ValueError(f"w1 must have an even number of rows (gate, then up) for {activation}, got {w1.size(0)}")
+    if w2.dim() != 2 or w2.size(1) != hidden:
+        raise ValueError(f"w2 must have shape (d_out, {hidden}) to follow w1 of shape {tuple(w1.shape)}, got {tuple(w2.shape)}")
+    if b1 is not None and tuple(b1.shape) != (w1.size(0),):
+        raise ValueError(f"b1 must have shape ({w1.size(0)},), got {tuple(b1.shape)}")
+    if b2 is not None and tuple(b2.shape) != (w2.size(0),):
+        raise ValueError(f"b2 must have shape ({w2.size(0)},), got {tuple(b2.shape)}")
+    dropout_p = _check_dropout(dropout_p)
+    x, w1, b1, w2, b2 = _autocast(x.device.type, x, w1, b1, w2, b2)
+    out_shape = (*x.shape[:-1], w2.size(0))
+    if x.numel() == 0 or w1.numel() == 0:
+        return reference.feed_forward(x, w1, b1, w2, b2, activation).reshape(out_shape)
+    x2 = x.reshape(-1, x.size(-1))
+    seed = _dropout_seed(dropout_p)
+    out = dispatch.call("feed_forward", x.device, x2, w1, b1, w2, b2, activation, dropout_p, seed)
+    return out.reshape(out_shape)
+
+
+# --------------------------------------------------------------------------------------------
+# norms
+# --------------------------------------------------------------------------------------------
+
+
+def _check_norm(x, normalized_shape, params, residual):
+    _check_tensor("x", x)
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if len(shape) == 0 or len(shape) > x.dim() or tuple(x.shape[-len(shape):]) != shape:
+        raise ValueError(f"normalized_shape {shape} does not match the last dims of x {tuple(x.shape)}")
+    for name, t in params:
+        if t is not None:
+            _check_like(name, t, "x", x)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape} (normalized_shape), got {tuple(t.shape)}")
+    if residual is not None:
+        _check_like("residual", residual, "x", x)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    return shape
+
+
+def _norm(op, x, shape, params, eps, residual):
+    n = math.prod(shape)
+    if torch.is_autocast_enabled(x.device.type):  # autocast runs norms in float32, as torch's
+        x = x.float()
+        residual = None if residual is None else residual.float()
+        params = [None if p is None else p.float() for p in params]
+    x2 = x.reshape(-1, n)
+    r2 = None if residual is None else residual.reshape(-1, n)
+    flat = [None if p is None else p.reshape(n) for p in params]
+    if x.numel() == 0:
+        y, s = x.clone(), (None if residual is None else x + residual)
+    else:
+        y, s = dispatch.call(op, x.device, x2, *flat, eps, r2)
+    y = y.reshape(x.shape)
+    return y if residual is None else (y, s.reshape(x.shape))
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual=None):
+    """F.layer_norm over ``normalized_shape``. With ``residual``: s = x + residual is fused in and
+    ``(layer_norm(s), s)`` is returned (the pre-norm block's pattern)."""
+    shape = _check_norm(x, normalized_shape, (("weight", weight), ("bias", bias)), residual)
+    return _norm("layer_norm", x, shape, [weight, bias], float(eps), residual)
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, residual=None):
+    """F.rms_norm: x / sqrt(mean(x²) + eps) · weight; eps None means torch.finfo(x.dtype).eps.
+    With ``residual``: ``(rms_norm(x + residual), x + residual)``."""
+    shape = _check_norm(x, normalized_shape, (("weight", weight),), residual)
+    eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
+    return _norm("rms_norm", x, shape, [weight], eps, residual)

@@ -1,0 +1,208 @@
+"""Plain PyTorch versions of every op: the benchmarks' "naive" baseline and, run in float64 on the
+CPU, the tests' oracle.
+
+They are written for clarity, not speed: attention materialises the (Nq, Nk) scores, the FFN
+stores its pre-activation, softmax runs in the input's dtype. Run in fp16/bf16 they are also the
+"naive low-precision version" whose error the numerics rule compares a kernel's error against.
+
+The bottom of the file maps them to the dispatch's canonical op arguments (backend "reference").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+
+
+def causal_mask(n_q: int, n_k: int, device=None) -> torch.Tensor:
+    """Bool (n_q, n_k), True = attend: query i sees keys j <= i (top-left aligned, as torch)."""
+    return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril()
+
+
+def attention_scores(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    """Masked, scaled scores (..., Hq, Nq, Nk) in the inputs' dtype; masked entries are -inf."""
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    if enable_gqa and key.size(-3) != query.size(-3):
+        key = key.repeat_interleave(query.size(-3) // key.size(-3), dim=-3)
+    scores = (query @ key.transpose(-2, -1)) * scale
+    if is_causal:
+        scores = scores.masked_fill(~causal_mask(query.size(-2), key.size(-2), query.device), float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(scores.dtype)
+    return scores
+
+
+def masked_softmax(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax whose fully masked rows (all -inf) give zeros instead of NaN."""
+    probs = torch.softmax(scores, dim=dim)
+    fully_masked = (scores == float("-inf")).all(dim=dim, keepdim=True)
+    return probs.masked_fill(fully_masked, 0.0)
+
+
+def attention(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    dropout_mask=None,
+):
+    """Naive scaled dot-product attention with torch SDPA's semantics.
+
+    query (..., Hq, Nq, D), key (..., Hkv, Nk, D), value (..., Hkv, Nk, Dv). ``dropout_mask``
+    (bool, broadcastable to (..., Hq, Nq, Nk), True = kept) replaces the random draw, so a test can
+    reproduce a kernel's dropout exactly.
+    """
+    probs = masked_softmax(attention_scores(query, key, attn_mask, is_causal, scale, enable_gqa))
+    if dropout_mask is not None:
+        probs = probs * dropout_mask / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    if enable_gqa and value.size(-3) != query.size(-3):
+        value = value.repeat_interleave(query.size(-3) // value.size(-3), dim=-3)
+    return probs @ value
+
+
+# --------------------------------------------------------------------------------------------
+# softmax
+# --------------------------------------------------------------------------------------------
+
+
+def softmax(x, dim=-1, scale=None, mask=None, is_causal=False, log=False):
+    """softmax(x·scale + mask) along ``dim``; ``is_causal`` masks j > i over the last two dims.
+
+    A fully masked row gives zeros (softmax) or -inf (log_softmax, the log of those zeros).
+    """
+    s = x * scale if scale is not None else x
+    if is_causal:
+        s = s.masked_fill(~causal_mask(x.size(-2), x.size(-1), x.device), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
+    if not log:
+        return masked_softmax(s, dim)
+    out = torch.log_softmax(s, dim=dim)
+    fully_masked = (s == float("-inf")).all(dim=dim, keepdim=True)
+    return out.masked_fill(fully_masked, float("-inf"))
+
+
+def log_softmax(x, dim=-1, scale=None, mask=None, is_causal=False):
+    return softmax(x, dim, scale, mask, is_causal, log=True)
+
+
+# --------------------------------------------------------------------------------------------
+# feed-forward
+# --------------------------------------------------------------------------------------------
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """The FFN's activation. Gated ones split h's last dim: the gate's half first, act(gate)·up."""
+    if activation in GATED_ACTIVATIONS:
+        gate, up = h.chunk(2, dim=-1)
+        return activate(gate, "silu" if activation == "swiglu" else "gelu") * up
+    if activation == "relu":
+        return F.relu(h)
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if activation == "silu":
+        return F.silu(h)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def feed_forward(x, w1, b1=None, w2=None, b2=None, activation="gelu", dropout_p=0.0, dropout_mask=None):
+    """act(x·w1ᵀ + b1)·w2ᵀ + b2 with dropout on the activation, weights laid out as nn.Linear's."""
+    a = activate(F.linear(x, w1, b1), activation)
+    if dropout_mask is not None:
+        a = a * dropout_mask / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        a = F.dropout(a, p=dropout_p)
+    return F.linear(a, w2, b2)
+
+
+# --------------------------------------------------------------------------------------------
+# norms
+# --------------------------------------------------------------------------------------------
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, residual=None):
+    """F.layer_norm; with ``residual``, returns (layer_norm(x + residual), x + residual)."""
+    if residual is None:
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    s = x + residual
+    return F.layer_norm(s, normalized_shape, weight, bias, eps), s
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None, residual=None):
+    """x / sqrt(mean(x²) + eps) · weight over ``normalized_shape``; eps None: finfo(dtype).eps."""
+    s = x if residual is None else x + residual
+    eps = torch.finfo(s.dtype).eps if eps is None else eps
+    dims = tuple(range(-len(normalized_shape), 0))
+    y = s * torch.rsqrt(s.pow(2).mean(dim=dims, keepdim=True) + eps)
+    y = y if weight is None else y * weight
+    return y if residual is None else (y, s)
+
+
+# --------------------------------------------------------------------------------------------
+# the "reference" backend: canonical op arguments (see fastattn/functional.py) -> the above
+# --------------------------------------------------------------------------------------------
+
+
+def _attention_op(q, k, v, mask, scale, is_causal, dropout_p, seed):
+    dropout_mask = None
+    if dropout_p > 0.0:
+        gen = torch.Generator(device=q.device).manual_seed(seed)
+        shape = (*q.shape[:-1], k.size(-2))
+        dropout_mask = torch.rand(shape, generator=gen, device=q.device) >= dropout_p
+    return attention(q, k, v, mask, dropout_p, is_causal, scale, q.size(1) != k.size(1), dropout_mask)
+
+
+def _softmax_op(x, mask, scale, is_causal, log):
+    return softmax(x, -1, scale, mask, is_causal, log)
+
+
+def _feed_forward_op(x, w1, b1, w2, b2, activation, dropout_p, seed):
+    dropout_mask = None
+    if dropout_p > 0.0:
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        hidden = w2.size(1)
+        dropout_mask = torch.rand((x.size(0), hidden), generator=gen, device=x.device) >= dropout_p
+    return feed_forward(x, w1, b1, w2, b2, activation, dropout_p, dropout_mask)
+
+
+def _layer_norm_op(x, weight, bias, eps, residual):
+    out = layer_norm(x, (x.size(-1),), weight, bias, eps, residual)
+    return out if residual is not None else (out, None)
+
+
+def _rms_norm_op(x, weight, eps, residual):
+    out = rms_norm(x, (x.size(-1),), weight, eps, residual)
+    return out if residual is not None else (out, None)
+
+
+def load_ops(backend: str = "reference"):
+    from fastattn.dispatch import Op
+
+    return {
+        "attention": Op(_attention_op),
+        "softmax": Op(_softmax_op),
+        "feed_forward": Op(_feed_forward_op),
+        "layer_norm": Op(_layer_norm_op),
+        "rms_norm": Op(_rms_norm_op),
+    }
