@@ -23,4 +23,28 @@ TORCH_LIBRARY(fastattn, m) {
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
       "float scale, bool is_causal, float dropout_p, int seed) -> (Tensor dq, Tensor dk, Tensor dv)");
+
+  // Softmax along the last dim of x (..., N), any strides. mask: None or a view of x's shape.
+  // is_causal masks column j > row i, i the index along dim -2. log: log_softmax (a fully masked
+  // row gives -inf there, 0 for softmax). The backward takes the saved output y only.
+  m.def("softmax_fwd(Tensor x, Tensor? mask, float scale, bool is_causal, bool log) -> Tensor");
+  m.def("softmax_bwd(Tensor dy, Tensor y, float scale, bool log) -> Tensor");
+
+  // The FFN's epilogue around its first GEMM: h = x·w1ᵀ (M, H1) -> dropout(act(h + bias)), (M, H1)
+  // or (M, H1/2) for the gated activations (gate columns first). The backward gives d(h + bias).
+  m.def("ffn_act_fwd(Tensor h, Tensor? bias, str activation, float dropout_p, int seed) -> Tensor");
+  m.def("ffn_act_bwd(Tensor grad, Tensor h, Tensor? bias, str activation, float dropout_p, int seed) -> Tensor");
+
+  // Norms over the last dim of a 2-D x (M, N). With residual, s = x + residual is normalised and
+  // returned as residual_out; without, residual_out is an empty tensor. mean/rstd: float32 (M,).
+  m.def(
+      "layer_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps) "
+      "-> (Tensor y, Tensor residual_out, Tensor mean, Tensor rstd)");
+  m.def(
+      "layer_norm_bwd(Tensor dy, Tensor s, Tensor? weight, Tensor mean, Tensor rstd, bool has_bias) "
+      "-> (Tensor ds, Tensor dweight, Tensor dbias)");
+  m.def(
+      "rms_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, float eps) "
+      "-> (Tensor y, Tensor residual_out, Tensor rstd)");
+  m.def("rms_norm_bwd(Tensor dy, Tensor s, Tensor? weight, Tensor rstd) -> (Tensor ds, Tensor dweight)");
 }
