@@ -18,8 +18,8 @@ import contextlib
 import importlib
 import os
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
@@ -165,6 +165,13 @@ def select(op: str, device: torch.device, *args, **kwargs) -> tuple[str, Op]:
     raise BackendError(f"no backend can run {op} on {device.type}: " + "; ".join(tried))
 
 
+@torch._dynamo.assume_constant_result
+def _select_name(op: str, device: torch.device, *args, **kwargs) -> str:
+    # Under torch.compile this runs once at trace time (its result becomes a constant of the graph),
+    # so the registry's locks, imports and thread-locals never enter the graph.
+    return select(op, device, *args, **kwargs)[0]
+
+
 def call(op: str, device: torch.device, *args, **kwargs):
     """Run ``op`` on the selected backend."""
-    return select(op, device, *args, **kwargs)[1].fn(*args, **kwargs)
+    return _ops[_select_name(op, device, *args, **kwargs)][op].fn(*args, **kwargs)
