@@ -46,9 +46,10 @@ def attention_scores(query, key, attn_mask=None, is_causal=False, scale=None, en
 
 
 def masked_softmax(scores: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax whose fully masked rows (all -inf) give zeros instead of NaN."""
-    probs = torch.softmax(scores, dim=dim)
+    """Softmax whose fully masked rows (all -inf) give zeros instead of NaN, and zero gradients
+    (the softmax of such a row is taken of zeros, so no NaN enters its backward either)."""
     fully_masked = (scores == float("-inf")).all(dim=dim, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(fully_masked, 0.0), dim=dim)
     return probs.masked_fill(fully_masked, 0.0)
 
 
