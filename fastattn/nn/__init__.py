@@ -1,0 +1,49 @@
+"""Drop-in ``nn.Module`` replacements that run through ``fastattn.functional``.
+
+Every twin subclasses the torch module it replaces and adds no state, so constructor arguments,
+parameters, state_dict keys and forward signatures are torch's: ``load_state_dict`` from a torch
+model just works, and ``fastattn.patch`` can swap an existing module's class in place.
+
+Modules never pick a kernel themselves: the dispatch does, per call (``fastattn.use_backend`` or
+``FASTATTN_BACKEND`` to force one). Calls no kernel serves (float64, a CPU tensor without the
+extension, ...) run on the ``reference`` backend under automatic selection.
+"""
+
+import torch
+
+from fastattn.nn.attention import MultiheadAttention
+from fastattn.nn.layers import FeedForward, LayerNorm, RMSNorm, Softmax
+from fastattn.nn.transformer import (
+    Transformer,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
+
+# torch class -> its fastattn twin (a subclass with no extra state; ``fastattn.patch`` swaps these).
+TORCH_TWINS: dict[type, type] = {
+    torch.nn.MultiheadAttention: MultiheadAttention,
+    torch.nn.TransformerEncoderLayer: TransformerEncoderLayer,
+    torch.nn.TransformerDecoderLayer: TransformerDecoderLayer,
+    torch.nn.TransformerEncoder: TransformerEncoder,
+    torch.nn.TransformerDecoder: TransformerDecoder,
+    torch.nn.Transformer: Transformer,
+    torch.nn.LayerNorm: LayerNorm,
+    torch.nn.RMSNorm: RMSNorm,
+    torch.nn.Softmax: Softmax,
+}
+
+__all__ = [
+    "TORCH_TWINS",
+    "FeedForward",
+    "LayerNorm",
+    "MultiheadAttention",
+    "RMSNorm",
+    "Softmax",
+    "Transformer",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+]

@@ -1,0 +1,178 @@
+"""Drop-in layers: Softmax, LayerNorm, RMSNorm (torch's twins) and FeedForward (no torch twin).
+
+The twins subclass the torch module they replace and add no state: the constructor, parameters,
+buffers and state_dict keys are torch's own, only ``forward`` runs through ``fastattn.functional``.
+That is also what lets ``fastattn.patch`` swap an existing module's class in place.
+
+The helpers at the bottom (``apply_norm``, ``fused_activation``, ``feed_forward_block``) are what the
+Transformer layers use to run a torch-built norm or FFN through fastattn, with the residual add
+fused into the norm.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from fastattn import functional
+from fastattn.reference import ACTIVATIONS, GATED_ACTIVATIONS
+
+__all__ = ["FeedForward", "LayerNorm", "RMSNorm", "Softmax"]
+
+
+class Softmax(torch.nn.Softmax):
+    """``torch.nn.Softmax(dim)`` computed by ``fastattn.softmax`` (in float32, returned in the input's
+    dtype; float32 under autocast, as torch's autocast does for softmax)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002  (torch's argument name)
+        return functional.softmax(input, _softmax_dim(self.dim, input))
+
+
+def _softmax_dim(dim: int | None, x: torch.Tensor) -> int:
+    """The dim itself, or torch's legacy implicit choice (with its deprecation warning) for dim=None."""
+    if dim is not None:
+        return dim
+    warnings.warn(
+        "Implicit dimension choice for softmax has been deprecated. Change the call to include dim=X as an argument.",
+        stacklevel=3,
+    )
+    return 0 if x.dim() in (0, 1, 3) else 1
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """``torch.nn.LayerNorm`` computed by ``fastattn.layer_norm`` (float32 under autocast)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
+        return apply_norm(self, input)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` computed by ``fastattn.rms_norm`` (eps None: finfo(input.dtype).eps)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_norm(self, x)
+
+
+class FeedForward(torch.nn.Module):
+    """``fc2(dropout(act(fc1(x))))`` as one ``fastattn.feed_forward`` call.
+
+    Weights are two ``nn.Linear``: ``fc1`` (d_model -> hidden, or 2·hidden for the gated ``swiglu`` /
+    ``geglu``, gate rows first) and ``fc2`` (hidden -> d_model). ``dropout`` drops the activation in
+    training mode, as nn.Transformer's FFN does.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        activation: str = "gelu",
+        bias: bool = True,
+        dropout: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        for name, size in (("d_model", d_model), ("hidden", hidden)):
+            if not isinstance(size, int) or size <= 0:
+                raise ValueError(f"{name} must be a positive int, got {size!r}")
+        width = 2 * hidden if activation in GATED_ACTIVATIONS else hidden
+        self.fc1 = torch.nn.Linear(d_model, width, bias=bias, device=device, dtype=dtype)
+        self.fc2 = torch.nn.Linear(hidden, d_model, bias=bias, device=device, dtype=dtype)
+        self.activation = activation
+        self.dropout = float(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, w1, b1, w2, b2 = _cast_for_autocast(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        dropout_p = self.dropout if self.training else 0.0
+        return functional.feed_forward(x, w1, b1, w2, b2, activation=self.activation, dropout_p=dropout_p)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, dropout={self.dropout}"
+
+
+# --------------------------------------------------------------------------------------------
+# helpers shared with the Transformer layers
+# --------------------------------------------------------------------------------------------
+
+
+def _norm_kind(norm: torch.nn.Module) -> str | None:
+    """'layer_norm' / 'rms_norm' for torch's or fastattn's norm (exact types: a user subclass may
+    have its own forward), else None."""
+    kind = type(norm)
+    if kind in (torch.nn.LayerNorm, LayerNorm):
+        return "layer_norm"
+    if kind in (torch.nn.RMSNorm, RMSNorm):
+        return "rms_norm"
+    return None
+
+
+def apply_norm(norm: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None):
+    """``norm(x)``, or with ``residual`` the pair ``(norm(x + residual), x + residual)``.
+
+    LayerNorm/RMSNorm (torch's or fastattn's) run as one fastattn call with the add fused in; any
+    other norm module is called as is.
+    """
+    kind = _norm_kind(norm)
+    if kind is None:
+        if residual is None:
+            return norm(x)
+        total = x + residual
+        return norm(total), total
+    if residual is not None and residual.dtype != x.dtype:  # e.g. a bf16 block output onto an fp32 stream
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(dtype), residual.to(dtype)
+    weight, bias = norm.weight, getattr(norm, "bias", None)
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast runs norms in float32; cast first so that fastattn's dtype checks see matching tensors.
+        x, residual, weight, bias = (None if t is None else t.float() for t in (x, residual, weight, bias))
+    if kind == "layer_norm":
+        return functional.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps, residual=residual)
+    return functional.rms_norm(x, norm.normalized_shape, weight, norm.eps, residual=residual)
+
+
+def fused_activation(activation) -> str | None:
+    """fastattn's name for a torch activation (a string, function or module), None if it has none."""
+    if isinstance(activation, str):
+        return activation if activation in ("relu", "gelu") else None
+    if activation in (F.relu, torch.relu) or type(activation) is torch.nn.ReLU:
+        return "relu"
+    if activation is F.gelu or (type(activation) is torch.nn.GELU and activation.approximate == "none"):
+        return "gelu"
+    if type(activation) is torch.nn.GELU and activation.approximate == "tanh":
+        return "gelu_tanh"
+    if activation is F.silu or type(activation) is torch.nn.SiLU:
+        return "silu"
+    return None
+
+
+def _cast_for_autocast(*tensors):
+    """Under autocast, bring the FFN's operands to the autocast dtype before fastattn's dtype checks
+    (autocast would run both GEMMs in it anyway)."""
+    x = tensors[0]
+    if not torch.is_autocast_enabled(x.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def feed_forward_block(x, linear1, activation, dropout, linear2) -> torch.Tensor:
+    """``linear2(dropout(activation(linear1(x))))``: one fastattn.feed_forward call when the pieces are
+    plain nn.Linear / nn.Dropout and the activation is one fastattn knows, else torch's own modules."""
+    name = fused_activation(activation)
+    plain = (
+        type(linear1) is torch.nn.Linear
+        and type(linear2) is torch.nn.Linear
+        and type(dropout) is torch.nn.Dropout
+        and name is not None
+    )
+    if not plain:
+        return linear2(dropout(activation(linear1(x))))
+    x, w1, b1, w2, b2 = _cast_for_autocast(x, linear1.weight, linear1.bias, linear2.weight, linear2.bias)
+    dropout_p = dropout.p if dropout.training else 0.0  # the Dropout module's own mode, as torch's path
+    return functional.feed_forward(x, w1, b1, w2, b2, activation=name, dropout_p=dropout_p)
