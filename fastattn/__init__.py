@@ -4,6 +4,7 @@ Triton kernels on the GPU (and on the CPU under TRITON_INTERPRET=1), a C++/CUDA 
 fallback, and a plain PyTorch reference, chosen per call by ``fastattn.dispatch``.
 """
 
+from fastattn import nn
 from fastattn.dispatch import BackendError, backends, use_backend
 from fastattn.functional import (
     feed_forward,
@@ -13,6 +14,7 @@ from fastattn.functional import (
     scaled_dot_product_attention,
     softmax,
 )
+from fastattn.patch import patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -22,8 +24,11 @@ __all__ = [
     "feed_forward",
     "layer_norm",
     "log_softmax",
+    "nn",
+    "patch",
     "rms_norm",
     "scaled_dot_product_attention",
     "softmax",
+    "unpatch",
     "use_backend",
 ]
