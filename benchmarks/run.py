@@ -1,0 +1,278 @@
+"""Run the benchmarks that fit the device present and write benchmarks/results/<device>/.
+
+    python -m benchmarks.run                          # everything, full sizes (make bench)
+    python -m benchmarks.run --only attention --quick # one family, small sizes
+    python -m benchmarks.run --list                   # families and providers, with why one cannot run
+
+For each family: every (case, provider, mode) is probed, then timed; a provider that cannot run
+(not installed, wrong device, a case its kernel does not support, out of memory) is recorded with
+its reason, never dropped. Larger sizes of a provider are skipped once a call took longer than the
+per-call limit or ran out of memory, and a family stops at its time budget, so a run is bounded.
+Writes <family>.json (raw numbers + stamp), <family>.md and PNG plots, then prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from benchmarks import FAMILIES
+from benchmarks.common import (
+    MEMORY_MODES,
+    METRICS,
+    RESULTS_ROOT,
+    SCHEMA_VERSION,
+    TIMING,
+    Context,
+    classify_error,
+    collect_stamp,
+    cpu_peak_memory,
+    default_context,
+    measure,
+    metric_value,
+    recording_warnings,
+    settle_garbage,
+    write_json,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(FAMILIES), help=f"comma-separated families ({', '.join(FAMILIES)})")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="size", action="store_const", const="quick", help="small sizes, short timings")
+    size.add_argument("--size", choices=sorted(TIMING), default="full", help="size preset (tiny is for tests)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is present")
+    parser.add_argument("--dtype", help="default: bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: all; 1 for --size tiny)")
+    parser.add_argument("--providers", help="comma-separated providers to run (default: all that can)")
+    parser.add_argument("--out", type=Path, help="output directory (default: benchmarks/results/<device>)")
+    parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every family's time budget")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
+    parser.add_argument("--no-plots", action="store_true", help="write JSON and Markdown only")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="do not print the tables at the end")
+    parser.add_argument("--list", action="store_true", help="list families and providers, then exit")
+    args = parser.parse_args(argv)
+    args.families = [f.strip() for f in args.only.split(",") if f.strip()]
+    unknown = [f for f in args.families if f not in FAMILIES]
+    if unknown:
+        parser.error(f"unknown families {unknown}; expected some of {', '.join(FAMILIES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    args.selected = None if not args.providers else {p.strip() for p in args.providers.split(",") if p.strip()}
+    return args
+
+
+def family_module(family: str):
+    return importlib.import_module(f"benchmarks.bench_{family}")
+
+
+def provider_reasons(module, ctx: Context, selected: set[str] | None) -> dict[str, str | None]:
+    reasons = module.providers(ctx)
+    if selected is not None:
+        reasons = {p: (r if p in selected else r or "not selected (--providers)") for p, r in reasons.items()}
+    return reasons
+
+
+class Progress:
+    """tqdm when available (and wanted), else nothing."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, unit="meas", dynamic_ncols=True, file=sys.stderr)
+            except ImportError:
+                pass
+
+    def describe(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(text[:60], refresh=False)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _free(ctx: Context) -> None:
+    settle_garbage()
+    if ctx.gpu:
+        torch.cuda.empty_cache()
+
+
+def _timing_records(module, ctx, cases, reasons, progress, deadline) -> list[dict]:
+    """Probe and time every (case, runnable provider, mode), smallest sizes first."""
+    limit_s = TIMING[ctx.size][3]
+    runnable = [p for p, reason in reasons.items() if reason is None]
+    blocked: dict[tuple, str] = {}  # (provider, series, mode) -> why larger sizes are skipped
+    records = []
+    series_order = {c.series: i for i, c in reversed(list(enumerate(cases)))}
+    for case in sorted(cases, key=lambda c: (series_order[c.series], c.x)):
+        for provider in runnable:
+            workload, build_error = None, None
+            for mode in module.MODES:
+                record = {"series": case.series, "x": case.x, "params": case.params, "provider": provider,
+                          "mode": mode, "work": case.work.get(mode), "status": "ok", "reason": None}
+                progress.describe(f"{module.FAMILY} {provider} {case.x} {mode}")
+                key = (provider, case.series, mode)
+                if key in blocked:
+                    record.update(status="skipped", reason=blocked[key])
+                elif time.monotonic() > deadline:
+                    record.update(status="skipped", reason="the family's time budget was used up")
+                else:
+                    caught = []
+                    try:
+                        with recording_warnings() as caught:
+                            if workload is None:
+                                if build_error is not None:  # the same case and provider: same failure
+                                    raise build_error
+                                try:
+                                    workload = module.build(provider, case.params, ctx)
+                                except Exception as exc:
+                                    build_error = exc
+                                    raise
+                            record.update(measure(workload, mode, ctx))
+                    except Exception as exc:  # classified and recorded: the suite goes on
+                        status, reason = classify_error(exc, caught)
+                        record.update(status=status, reason=reason)
+                    if record["status"] == "oom":
+                        blocked[key] = f"skipped: out of memory at {module.X_LABEL.split(' (')[0]} {case.x}"
+                    elif record["status"] == "ok" and record["per_call_s"] > limit_s:
+                        blocked[key] = (f"skipped: {case.x} took {record['per_call_s']:.1f} s per call "
+                                        f"(over the {limit_s:g} s limit)")
+                    _free(ctx)
+                if record["status"] == "ok":
+                    record["metric"] = metric_value(module.METRIC, record["work"], record["time_ms"])
+                records.append(record)
+                progress.update()
+            del workload
+            _free(ctx)
+    return records
+
+
+def _cpu_memory(module, ctx, records, progress, timeout_s) -> None:
+    """Fill peak_mem_mib of the CPU records that ran, from one subprocess per family."""
+    todo = [r for r in records if r["status"] == "ok" and r["mode"] in MEMORY_MODES]
+    items = [{"provider": r["provider"], "params": r["params"], "mode": r["mode"]} for r in todo]
+    if not items:
+        return
+    progress.describe(f"{module.FAMILY} peak memory (subprocess)")
+    for answer in cpu_peak_memory(module.__name__, ctx, items, timeout_s=timeout_s):
+        record = todo[answer["index"]]
+        if "peak_mem_mib" in answer:
+            record["peak_mem_mib"] = answer["peak_mem_mib"]
+        else:
+            record["memory_error"] = answer["error"]
+        progress.update()
+
+
+def provider_summary(reasons: dict[str, str | None], records: list[dict]) -> dict[str, dict]:
+    """Per provider: ok (ran at least one case), or missing with the reason (the commonest one
+    among its cases when it could be tried but never ran)."""
+    summary = {}
+    for provider, reason in reasons.items():
+        if reason is not None:
+            summary[provider] = {"status": "missing", "reason": reason}
+            continue
+        mine = [r for r in records if r["provider"] == provider]
+        if any(r["status"] == "ok" for r in mine):
+            summary[provider] = {"status": "ok", "reason": None}
+        else:
+            common = Counter(r["reason"] for r in mine if r["reason"]).most_common(1)
+            summary[provider] = {"status": "missing", "reason": common[0][0] if common else "no case was run"}
+    return summary
+
+
+def run_family(family: str, ctx: Context, args, stamp: dict, progress: Progress, out_dir: Path) -> dict:
+    module = family_module(family)
+    started = time.monotonic()
+    cases = module.cases(ctx)
+    reasons = provider_reasons(module, ctx, args.selected)
+    budget = module.BUDGET_S["cuda" if ctx.gpu else "cpu"] * args.budget_scale
+    records = _timing_records(module, ctx, cases, reasons, progress, started + budget)
+    if not args.no_memory and not ctx.gpu:
+        _cpu_memory(module, ctx, records, progress, timeout_s=max(60.0, budget / 2))
+    data = {
+        "schema": SCHEMA_VERSION,
+        "family": family,
+        "title": module.TITLE,
+        "x_label": module.X_LABEL,
+        "metric": module.METRIC,
+        "metric_unit": METRICS[module.METRIC][0],
+        "modes": list(module.MODES),
+        "headline_mode": module.HEADLINE_MODE,
+        "stamp": stamp,
+        "context": asdict(ctx),
+        "providers": provider_summary(reasons, records),
+        "results": records,
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+    write_json(out_dir / f"{family}.json", data)
+    from benchmarks import report
+
+    report.write_family_outputs(data, out_dir, plots=not args.no_plots)
+    return data
+
+
+def _planned_measurements(ctx: Context, args) -> int:
+    total = 0
+    for family in args.families:
+        module = family_module(family)
+        runnable = [p for p, r in provider_reasons(module, ctx, args.selected).items() if r is None]
+        memory_modes = 0 if (args.no_memory or ctx.gpu) else sum(m in MEMORY_MODES for m in module.MODES)
+        total += len(module.cases(ctx)) * len(runnable) * (len(module.MODES) + memory_modes)
+    return total
+
+
+def list_providers(ctx: Context, args) -> None:
+    for family in args.families:
+        module = family_module(family)
+        print(f"{family}: {len(module.cases(ctx))} cases, modes {', '.join(module.MODES)}")
+        for provider, reason in provider_reasons(module, ctx, args.selected).items():
+            print(f"  {provider:18s} {'can run (each case is probed)' if reason is None else 'missing: ' + reason}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ctx = default_context(args.device, args.size, args.dtype, args.threads)
+    ctx.apply()
+    if args.list:
+        list_providers(ctx, args)
+        return 0
+    stamp = collect_stamp(ctx.device)
+    out_dir = args.out or RESULTS_ROOT / stamp["device_slug"]
+    print(f"benchmarking on {stamp['device_name']} ({ctx.device}, {ctx.dtype}, {ctx.size} sizes) -> {out_dir}",
+          file=sys.stderr, flush=True)
+    progress = Progress(_planned_measurements(ctx, args), enabled=not args.no_progress)
+    settle_garbage()
+    written = []
+    try:
+        for family in args.families:
+            written.append(run_family(family, ctx, args, stamp, progress, out_dir))
+    finally:
+        progress.close()
+    if not args.quiet:
+        from benchmarks import report
+
+        for data in written:
+            print(report.render_family_markdown(data, plots=False))
+    print(f"results written to {out_dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
