@@ -28,7 +28,8 @@ from fastattn.utils import empty
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
-MAX_FUSED_N = 8192  # longest row held whole in registers
+MAX_FUSED_N = 8192  # longest row held whole in registers in the forward
+MAX_FUSED_N_BWD = 4096  # and in the backward, which keeps more values live per element
 # Elements per tile when several rows share a program, chunk length when a row is streamed, and
 # columns per program of the partial-sum reduction. The interpreter runs programs one after
 # another at a high fixed cost each: fewer, larger tiles there.
@@ -186,8 +187,8 @@ def _norm_bwd_single(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    dw_acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    db_acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    dw_acc = tl.zeros([BLOCK_N], tl.float32)
+    db_acc = tl.zeros([BLOCK_N], tl.float32)
     for tile in range(pid, n_tiles, tl.num_programs(0)):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
@@ -199,14 +200,14 @@ def _norm_bwd_single(
         _write_input_grad(x_hat, g, rstd, dot_mean, g_mean, ds_ptr, dsum_ptr, rows, cols, ok, N, sdm, sdn,
                           IS_RMS, HAS_DSUM)
         if WANT_DW:
-            dw_acc += dy * x_hat
+            dw_acc += tl.sum(dy * x_hat, axis=0)
         if WANT_DB:
-            db_acc += dy
+            db_acc += tl.sum(dy, axis=0)
     part = pid.to(tl.int64) * N + cols
     if WANT_DW:
-        tl.store(dw_part_ptr + part, tl.sum(dw_acc, axis=0), mask=col_ok)
+        tl.store(dw_part_ptr + part, dw_acc, mask=col_ok)
     if WANT_DB:
-        tl.store(db_part_ptr + part, tl.sum(db_acc, axis=0), mask=col_ok)
+        tl.store(db_part_ptr + part, db_acc, mask=col_ok)
 
 
 @triton.jit
@@ -272,13 +273,14 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _num_warps(tile_elements: int) -> int:
-    return max(4, min(16, tile_elements // 512))
+def _num_warps(tile_elements: int, per_thread: int = 16) -> int:
+    """Warps for a tile of that many elements, about ``per_thread`` elements per thread."""
+    return max(4, min(32, tile_elements // (32 * per_thread)))
 
 
-def _row_tiling(m: int, n: int) -> tuple[int, int] | None:
+def _row_tiling(m: int, n: int, max_fused: int) -> tuple[int, int] | None:
     """(BLOCK_M, BLOCK_N) when rows fit whole in registers, else None (streamed rows)."""
-    if n > MAX_FUSED_N:
+    if n > max_fused:
         return None
     block_n = _next_pow2(n)
     return min(_next_pow2(m), max(1, TILE_ELEMENTS // block_n)), block_n
@@ -300,8 +302,13 @@ def _backward_programs(device: torch.device, work_items: int) -> int:
     return max(1, min(work_items, target))
 
 
+def _dense(param: torch.Tensor | None) -> torch.Tensor | None:
+    return param if param is None or param.stride(0) == 1 else param.contiguous()
+
+
 def _forward(x, weight, bias, eps, residual, is_rms):
     m, n = x.shape
+    weight, bias = _dense(weight), _dense(bias)  # the kernels index parameters with unit stride
     y = empty(m, n, dtype=x.dtype, device=x.device)
     s = empty(m, n, dtype=x.dtype, device=x.device) if residual is not None else x.new_empty(0)
     mean = empty(m, dtype=torch.float32, device=x.device) if not is_rms else x.new_empty(0, dtype=torch.float32)
@@ -312,7 +319,7 @@ def _forward(x, weight, bias, eps, residual, is_rms):
     args = (x, r, weight if weight is not None else x, bias if bias is not None else x, y, s if residual is not None else y,
             mean if not is_rms else rstd, rstd, m, n, eps, x.stride(0), x.stride(1), r.stride(0), r.stride(1))
     flags = dict(IS_RMS=is_rms, HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None)
-    tiling = _row_tiling(m, n)
+    tiling = _row_tiling(m, n, MAX_FUSED_N)
     if tiling is not None:
         block_m, block_n = tiling
         wrap_triton(_norm_fwd_single)[(triton.cdiv(m, block_m),)](
@@ -325,6 +332,7 @@ def _forward(x, weight, bias, eps, residual, is_rms):
 
 def _backward(dy, dsum, s, weight, mean, rstd, want_dw, want_db, is_rms):
     m, n = s.shape
+    weight = _dense(weight)
     ds = empty(m, n, dtype=s.dtype, device=s.device)
     w_dtype = weight.dtype if weight is not None else s.dtype
     dweight = empty(n, dtype=w_dtype, device=s.device) if want_dw else s.new_empty(0)
@@ -335,7 +343,7 @@ def _backward(dy, dsum, s, weight, mean, rstd, want_dw, want_db, is_rms):
         if want_db:
             dbias.zero_()
         return ds, dweight, dbias
-    tiling = _row_tiling(m, n)
+    tiling = _row_tiling(m, n, MAX_FUSED_N_BWD)
     n_programs = _backward_programs(s.device, triton.cdiv(m, tiling[0]) if tiling else m)
     # float32 partial sums, one row per program; zeroed for the streamed kernel, which adds into them
     alloc = torch.empty if tiling is not None else torch.zeros
@@ -350,7 +358,7 @@ def _backward(dy, dsum, s, weight, mean, rstd, want_dw, want_db, is_rms):
         block_m, block_n = tiling
         wrap_triton(_norm_bwd_single)[(n_programs,)](
             *args, triton.cdiv(m, block_m), *strides, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=_num_warps(block_m * block_n),
+            num_warps=_num_warps(block_m * block_n, per_thread=8),  # more live values than the forward
         )
     else:
         wrap_triton(_norm_bwd_long)[(n_programs,)](*args, *strides, **flags, BLOCK_N=LONG_BLOCK_N, num_warps=8)

@@ -302,8 +302,9 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _num_warps(tile_elements: int) -> int:
-    return max(4, min(16, tile_elements // 512))
+def _num_warps(tile_elements: int, per_thread: int) -> int:
+    """Warps for a tile of that many elements, about ``per_thread`` elements per thread."""
+    return max(4, min(16, tile_elements // (32 * per_thread)))
 
 
 _sm_counts: dict[int, int] = {}
@@ -345,7 +346,8 @@ class _Plan:
             self.splits = triton.cdiv(n, self.seg_len)
         self.grid = (row_programs * self.splits,)
         self.n_rows = n_outer * inner
-        self.num_warps = _num_warps(self.block_m * self.block_n)
+        # streamed tiles keep int64 addresses of three tensors live across the loop: fewer elements per thread
+        self.num_warps = _num_warps(self.block_m * self.block_n, 16 if self.single else 8)
 
 
 def _wide_cols(n: int, strides) -> bool:
