@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import INTERPRETING, assert_rule, backend_params
+from helpers import DEVICE, INTERPRETING, assert_rule, backend_params
 
 import fastattn
 import fastattn.nn as fnn
@@ -79,23 +79,26 @@ def _outputs(result) -> list[torch.Tensor]:
 
 def check_against_torch(torch_module, fast_module, args, kwargs=None, *, backend="auto", dtype=torch.float32):
     """The rule on outputs and on the gradients of every parameter and positional (input) tensor.
-    Keyword tensors (masks) are cast but take no gradient. ``query is key`` identities survive."""
+    Keyword tensors (masks) are cast but take no gradient. ``query is key`` identities survive.
+    The oracle runs on the CPU, the naive and fastattn models on the test device."""
     kwargs = kwargs or {}
     fast_module.load_state_dict(torch_module.state_dict())
     runs = {
-        "oracle": (copy.deepcopy(torch_module).double(), torch.float64, nullcontext()),
-        "naive": (copy.deepcopy(torch_module).to(dtype), dtype, nullcontext()),
-        "fastattn": (copy.deepcopy(fast_module).to(dtype), dtype, forced(backend)),
+        "oracle": (copy.deepcopy(torch_module).double(), torch.float64, "cpu", nullcontext()),
+        "naive": (copy.deepcopy(torch_module).to(DEVICE, dtype), dtype, DEVICE, nullcontext()),
+        "fastattn": (copy.deepcopy(fast_module).to(DEVICE, dtype), dtype, DEVICE, forced(backend)),
     }
     cotangents, results = None, {}
-    for role, (model, run_dtype, context) in runs.items():
+    for role, (model, run_dtype, device, context) in runs.items():
         inputs: dict[int, torch.Tensor] = {}
 
-        def cast(t, grad, run_dtype=run_dtype, inputs=inputs):
-            if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+        def cast(t, grad, run_dtype=run_dtype, device=device, inputs=inputs):
+            if not isinstance(t, torch.Tensor):
                 return t
             if id(t) not in inputs:
-                inputs[id(t)] = t.detach().to(run_dtype).requires_grad_(grad)
+                floating = t.is_floating_point()
+                moved = t.detach().to(device, run_dtype if floating else t.dtype)
+                inputs[id(t)] = moved.requires_grad_(grad and floating)
             return inputs[id(t)]
 
         run_args = [cast(t, True) for t in args]
@@ -104,9 +107,11 @@ def check_against_torch(torch_module, fast_module, args, kwargs=None, *, backend
             outs = _outputs(model(*run_args, **run_kwargs))
         if cotangents is None:
             cotangents = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
-        sum((o.double() * g).sum() for o, g in zip(outs, cotangents)).backward()
+        sum((o.double() * g.to(o.device)).sum() for o, g in zip(outs, cotangents)).backward()
         grads = {f"param {n}": p.grad for n, p in model.named_parameters()}
-        grads.update({f"input {i}": t.grad for i, t in enumerate(run_args) if isinstance(t, torch.Tensor)})
+        grads.update(
+            {f"input {i}": t.grad for i, t in enumerate(run_args) if isinstance(t, torch.Tensor) and t.requires_grad}
+        )
         results[role] = (outs, grads)
     (oracle, oracle_grads), (naive, naive_grads), (out, out_grads) = (results[r] for r in runs)
     assert len(out) == len(oracle)
@@ -553,6 +558,20 @@ def test_rms_norm_matches_torch(case, backend):
     if reference.weight is not None:
         torch.nn.init.normal_(reference.weight)
     check_against_torch(reference, fnn.RMSNorm(**kwargs), (x,), backend=backend)
+
+
+@pytest.mark.parametrize("norm_class", ["LayerNorm", "RMSNorm"])
+def test_norm_low_precision_input_with_float32_parameters(norm_class):
+    """torch takes bf16 activations with fp32 norm parameters (returning bf16): so do the twins."""
+    reference = getattr(torch.nn, norm_class)(E)
+    torch.nn.init.normal_(reference.weight)
+    fast = getattr(fnn, norm_class)(E)
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(N, L, E, dtype=torch.float64)
+    oracle = reference.double()(x)
+    naive, out = reference.float()(x.bfloat16()), fast(x.bfloat16())
+    assert out.dtype == naive.dtype == torch.bfloat16
+    assert_rule(out, naive, oracle, k=2)
 
 
 class TorchFeedForward(torch.nn.Module):

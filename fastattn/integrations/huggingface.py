@@ -13,7 +13,8 @@ Contract (transformers' attention functions): ``fn(module, query (B, Hq, Nq, D),
 value (B, Hkv, Nk, Dv), attention_mask, scaling=None, dropout=0.0, **kwargs) -> (out (B, Nq, Hq, Dv),
 None)``. GQA/MQA (Hkv < Hq) runs without repeating key/value. Causality follows transformers' SDPA
 rule: ``is_causal`` (kwarg, else ``module.is_causal``) applies only with no mask and more than one
-query; otherwise the mask carries it. Sliding windows are honoured through the mask transformers
+query; otherwise the mask carries it, except a padding-only (B, 1, 1, Nk) mask given to a causal
+self-attention module (GPT-2 under transformers < 4.53), to which causality is added. Sliding windows are honoured through the mask transformers
 builds for them; a window with no mask that could not cover the keys is refused, as are attention
 logit soft-capping, attention sinks and paged caches. Attention weights are not returned
 (``output_attentions=True`` gives None, as with "sdpa"). A query row whose keys are all masked
@@ -93,6 +94,20 @@ def _position_bias_mask(position_bias, mask, is_causal: bool, n_q: int, n_k: int
     return position_bias + mask
 
 
+def _is_causal_self_attention(module) -> bool:
+    return bool(getattr(module, "is_causal", False)) and not getattr(module, "is_cross_attention", False)
+
+
+def _add_causality(mask: torch.Tensor, n_q: int, n_k: int) -> torch.Tensor:
+    """A padding-only mask (..., 1, Nk) and causality (aligned bottom-right: the queries are the last
+    Nq positions) as one (..., Nq, Nk) mask."""
+    rows = torch.arange(n_q, device=mask.device)[:, None] + (n_k - n_q)
+    causal = torch.arange(n_k, device=mask.device)[None, :] <= rows
+    if mask.dtype == torch.bool:
+        return mask & causal
+    return mask.masked_fill(~causal, float("-inf"))
+
+
 def attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -112,6 +127,10 @@ def attention_forward(
     mask = attention_mask
     if mask is not None and mask.size(-1) > n_k:  # some versions build it for the whole cache
         mask = mask[..., :n_k]
+    if mask is not None and mask.size(-2) == 1 < n_q and _is_causal_self_attention(module):
+        # transformers < 4.53 hands GPT-2-style models a padding-only mask and leaves causality to
+        # the attention (their eager code applies it): apply it here too.
+        mask = _add_causality(mask, n_q, n_k)
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     causal = bool(n_q > 1 and mask is None and causal)  # one query (decoding) sees every cached key
     window = kwargs.get("sliding_window")

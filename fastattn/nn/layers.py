@@ -128,12 +128,22 @@ def apply_norm(norm: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | 
         dtype = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(dtype), residual.to(dtype)
     weight, bias = norm.weight, getattr(norm, "bias", None)
+    out_dtype = None
     if torch.is_autocast_enabled(x.device.type):
         # Autocast runs norms in float32; cast first so that fastattn's dtype checks see matching tensors.
         x, residual, weight, bias = (None if t is None else t.float() for t in (x, residual, weight, bias))
+    elif weight is not None and weight.dtype != x.dtype:
+        # torch accepts e.g. bf16 activations with fp32 norm parameters: it computes in the wider
+        # dtype and returns the input's; do the same.
+        out_dtype, wide = x.dtype, torch.promote_types(x.dtype, weight.dtype)
+        x, residual, weight, bias = (None if t is None else t.to(wide) for t in (x, residual, weight, bias))
     if kind == "layer_norm":
-        return functional.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps, residual=residual)
-    return functional.rms_norm(x, norm.normalized_shape, weight, norm.eps, residual=residual)
+        result = functional.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps, residual=residual)
+    else:
+        result = functional.rms_norm(x, norm.normalized_shape, weight, norm.eps, residual=residual)
+    if out_dtype is None:
+        return result
+    return result.to(out_dtype) if residual is None else tuple(t.to(out_dtype) for t in result)
 
 
 def fused_activation(activation) -> str | None:
