@@ -1,0 +1,1026 @@
+"""FlashAttention-2 in Triton: softmax(Q·Kᵀ·scale + mask)·V, forward and backward.
+
+Forward (one program per BLOCK_M query rows of one (batch, head)): the rows' Q tile stays in
+registers while K/V tiles stream past; an online softmax keeps the running row max m and sum l,
+rescaling the output accumulator when the max grows. The (Nq, Nk) score matrix never exists in
+memory. The forward writes the output and the row log-sum-exp (lse, float32, natural log).
+
+Backward (FlashAttention-2's split): a small kernel computes delta = rowsum(dO·O); a dK/dV kernel
+(one program per BLOCK_N keys of one K/V head) recomputes P = exp(S - lse) block by block from Q,
+K and lse and accumulates dV = Pᵀ·dO and dK = dSᵀ·Q·scale, dS = P·(dP - delta), dP = dO·Vᵀ; a dQ
+kernel (one program per BLOCK_M query rows) accumulates dQ = dS·K·scale the same way. Extra memory:
+lse and delta, O(B·H·N). No atomics: results are deterministic.
+
+Conventions and details:
+- Scores are handled in base 2: log2(e) is folded into the scale, exp2 replaces exp.
+- Fully masked rows (every key masked, by attn_mask and/or is_causal): output 0, and lse = +inf, so
+  the backward's exp2(s - lse) is exactly 0 there and the row gets zero gradients, never NaN.
+- Causal is top-left aligned (query i sees keys j <= i), as torch's is_causal. Key blocks wholly
+  above the diagonal are never visited (about half the work); blocks wholly below it run without
+  mask arithmetic; only the blocks that straddle the diagonal (or the ragged end of the keys)
+  apply the element masks.
+- GQA/MQA: query head h reads K/V head h // (Hq // Hkv) in place. The dK/dV program of a K/V
+  head loops over the query heads of its group, so the group's sum is accumulated in registers:
+  no per-query-head copies of K, V, dK or dV.
+- attn_mask: a (B, Hq, Nq, Nk) view read through its strides (stride 0 where broadcast), bool
+  (True = attend) or floating (added, converted to float32 in the kernel).
+- Dropout: counter-based Philox inside the kernels. The keep decision of weight (b, h, i, j) is
+  philox(key = (seed, b·Hq + h), counter = (j, i, 0, 0)) >= p: 32-bit row and column counters, the
+  (batch, head) index in the key, so nothing overflows for any B·H·N². The backward regenerates the
+  same decisions; ``dropout_keep_mask`` materialises them for tests.
+- Head dims 1..256 (query/key and value dims may differ), padded to a power of two >= 16 with
+  masked loads. q/k/v/dO with any strides whose last one is 1 are read in place (packed QKV
+  views); a tensor with a strided last dim is copied once.
+- fp16/bf16/fp32 inputs, fp32 accumulation; fp32 dots run in IEEE fp32 (not TF32) so float32
+  results match the float64 oracle to ~1e-6.
+- Launch configuration: autotuned over BLOCK_M/BLOCK_N/num_warps/num_stages for A100/H100, the
+  candidate list pruned by head dim, causal and the device's shared memory; a single fixed
+  configuration under the Triton interpreter or with FASTATTN_AUTOTUNE=0. The autotuning key is
+  (Nq, Nk, head dims, causal, mask kind, dropout, dtypes).
+- The kernels are torch ops (``fastattn_triton::attention_fwd`` / ``attention_bwd``, triton_op +
+  wrap_triton) with autograd registered, so torch.compile(fullgraph=True) captures them.
+"""
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from fastattn.dispatch import Op
+from fastattn.utils import empty
+
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x·LOG2E)
+LN2 = 0.6931471805599453  # ln(2): ln(x) = log2(x)·LN2
+
+
+# --------------------------------------------------------------------------------------------
+# device helpers (jit)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """a·b with fp32 accumulation. UPCAST_DOT (interpreter only) works around its bf16 tl.dot bug."""
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _load_tile(
+    base,
+    start,
+    stride_row,
+    n_rows,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    N_COLS: tl.constexpr,
+    CHECK_ROWS: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+):
+    """Rows [start, start + ROWS) and columns [0, COLS) of a (n_rows, N_COLS) row-major matrix with
+    unit column stride, zero-padded; (ROWS, COLS), or (COLS, ROWS) when TRANSPOSED.
+
+    The block start moves the base pointer in 64-bit arithmetic so that the per-element offsets
+    stay small (32-bit) whatever the sequence length and row stride."""
+    base = base + tl.cast(start, tl.int64) * stride_row
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, COLS)
+    if TRANSPOSED:
+        rows = rows[None, :]
+        cols = cols[:, None]
+    else:
+        rows = rows[:, None]
+        cols = cols[None, :]
+    ptrs = base + rows * stride_row + cols
+    if CHECK_ROWS:
+        if COLS != N_COLS:
+            tile = tl.load(ptrs, mask=(rows < n_rows - start) & (cols < N_COLS), other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=rows < n_rows - start, other=0.0)
+    else:
+        if COLS != N_COLS:
+            tile = tl.load(ptrs, mask=cols < N_COLS, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, cols, dropout_p):
+    """Keep decisions (True = kept) of the weights at (rows, cols) of head bh = b·Hq + h.
+
+    rows, cols: broadcastable index tensors ([:, None] and [None, :], either way round).
+    Philox with the (seed, bh) pair as its 64-bit key and (col, row) as its counter."""
+    cols_full = (cols + rows * 0).to(tl.uint32, bitcast=True)
+    rows_full = (rows + cols * 0).to(tl.uint32, bitcast=True)
+    zero = cols_full * 0
+    key = seed.to(tl.uint64) + (bh.to(tl.uint64) << 32)
+    bits, _, _, _ = tl.philox(key, cols_full, rows_full, zero, zero)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+@triton.jit
+def _mask_scores(
+    s,
+    q_idx,
+    k_idx,
+    start_m,
+    start_n,
+    mask_base,
+    stride_mm,
+    stride_mn,
+    n_q,
+    n_k,
+    q_local,
+    k_local,
+    MASK_KIND: tl.constexpr,
+    CHECK_KEYS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    DIAGONAL: tl.constexpr,
+):
+    """Scores s (base 2) with attn_mask, the key bound and the causal mask applied (-inf = masked);
+    the causal mask only where IS_CAUSAL and DIAGONAL (a block that straddles the diagonal).
+
+    q_idx/k_idx: global query/key indices, q_local/k_local the same minus start_m/start_n (all
+    broadcastable, in either orientation). MASK_KIND: 0 none, 1 bool (True = attend), 2 additive."""
+    if MASK_KIND != 0:
+        mask_ptr = mask_base + tl.cast(start_m, tl.int64) * stride_mm + tl.cast(start_n, tl.int64) * stride_mn
+        mask_ptrs = mask_ptr + q_local * stride_mm + k_local * stride_mn
+        in_bounds = (q_idx < n_q) & (k_idx < n_k)
+        if MASK_KIND == 1:
+            attend = tl.load(mask_ptrs, mask=in_bounds, other=0)
+            s = tl.where(attend != 0, s, float("-inf"))
+        else:
+            bias = tl.load(mask_ptrs, mask=in_bounds, other=0.0)
+            s = s + bias.to(tl.float32) * 1.4426950408889634
+    if CHECK_KEYS:
+        s = tl.where(k_idx < n_k, s, float("-inf"))
+    if IS_CAUSAL:
+        if DIAGONAL:
+            s = tl.where(k_idx <= q_idx, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _key_block_ranges(start_m, n_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """For query rows [start_m, start_m + BLOCK_M): keys [0, full_end) need no element mask, keys
+    [full_end, end) do (diagonal blocks, ragged last block); keys >= end are never visited."""
+    if IS_CAUSAL:
+        end = tl.minimum(n_k, start_m + BLOCK_M)
+        # every key below start_m is visible to every row of the block
+        full_end = (tl.minimum(start_m, n_k) // BLOCK_N) * BLOCK_N
+    else:
+        end = n_k
+        full_end = (n_k // BLOCK_N) * BLOCK_N
+    return full_end, end
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_key_blocks(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    mask_base,
+    start_m,
+    lo,
+    hi,
+    bh,
+    seed,
+    dropout_p,
+    qk_scale2,
+    n_q,
+    n_k,
+    stride_kn,
+    stride_vn,
+    stride_mm,
+    stride_mn,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    EDGE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax accumulation over the key blocks [lo, hi). EDGE: the blocks straddle the
+    diagonal or the end of the keys, so bounds and causal masks apply."""
+    q_local = tl.arange(0, BLOCK_M)[:, None]
+    q_idx = start_m + q_local
+    k_local = tl.arange(0, BLOCK_N)[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k_t = _load_tile(k_base, start_n, stride_kn, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, EDGE, True)
+        s = _dot(q, k_t, UPCAST_DOT, DOT_PRECISION) * qk_scale2
+        k_idx = start_n + k_local
+        s = _mask_scores(
+            s, q_idx, k_idx, start_m, start_n, mask_base, stride_mm, stride_mn, n_q, n_k, q_local, k_local,
+            MASK_KIND, EDGE, IS_CAUSAL, EDGE,
+        )
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            # the normaliser l sums the undropped weights; dropout zeroes weights after softmax
+            p = tl.where(_dropout_keep(seed, bh, q_idx, k_idx, dropout_p), p, 0.0)
+        v = _load_tile(v_base, start_n, stride_vn, n_k, BLOCK_N, BLOCK_DV, HEAD_DIM_V, EDGE, False)
+        acc += _dot(p.to(v.dtype), v, UPCAST_DOT, DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    Mask,
+    Out,
+    Lse,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    n_heads_q,
+    group_size,
+    n_q,
+    n_k,
+    qk_scale2,
+    dropout_p,
+    seed,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # 1-D grid, query blocks fastest: neighbouring programs share one head's K/V in L2, and the grid
+    # has no 65535 limit on B·H. Causal: the longest rows (most key blocks) start first.
+    pid = tl.program_id(0)
+    n_m_blocks = tl.cdiv(n_q, BLOCK_M)
+    bh = pid // n_m_blocks
+    m_block = pid % n_m_blocks
+    if IS_CAUSAL:
+        m_block = n_m_blocks - 1 - m_block
+    b = bh // n_heads_q
+    h = bh % n_heads_q
+    h_kv = h // group_size
+    start_m = m_block * BLOCK_M
+
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
+    mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+
+    q = _load_tile(q_base, start_m, stride_qm, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    full_end, end = _key_block_ranges(start_m, n_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    acc, l_i, m_i = _fwd_key_blocks(
+        acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, 0, full_end, bh, seed, dropout_p, qk_scale2,
+        n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
+        False, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
+    )
+    acc, l_i, m_i = _fwd_key_blocks(
+        acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, full_end, end, bh, seed, dropout_p, qk_scale2,
+        n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
+        True, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
+    )
+
+    # fully masked rows: l = 0, acc = 0 -> output 0 and lse = +inf
+    empty_row = l_i == 0.0
+    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    lse = tl.where(empty_row, float("inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_DV)
+    out_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows[:, None] * stride_om + cols[None, :]
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(rows[:, None] < n_q) & (cols[None, :] < HEAD_DIM_V))
+    tl.store(Lse + bh.to(tl.int64) * n_q + rows, lse, mask=rows < n_q)
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    Out,
+    DOut,
+    Delta,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    n_heads_q,
+    n_q,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """delta[row] = rowsum(dO·O) in float32 (= rowsum(P·dP), the softmax backward's correction)."""
+    pid = tl.program_id(0)
+    n_m_blocks = tl.cdiv(n_q, BLOCK_M)
+    bh = pid // n_m_blocks
+    start_m = (pid % n_m_blocks) * BLOCK_M
+    b = bh // n_heads_q
+    h = bh % n_heads_q
+    o = _load_tile(
+        Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, start_m, stride_om, n_q,
+        BLOCK_M, BLOCK_DV, HEAD_DIM_V, True, False,
+    )
+    do = _load_tile(
+        DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, start_m, stride_dom, n_q,
+        BLOCK_M, BLOCK_DV, HEAD_DIM_V, True, False,
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    tl.store(Delta + bh.to(tl.int64) * n_q + rows, delta, mask=rows < n_q)
+
+
+@triton.jit
+def _dkdv_query_blocks(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    mask_base,
+    start_n,
+    lo,
+    hi,
+    bh,
+    seed,
+    dropout_p,
+    qk_scale2,
+    n_q,
+    n_k,
+    stride_qm,
+    stride_dom,
+    stride_mm,
+    stride_mn,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    CAUSAL_BLOCK: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dK/dV accumulation of keys [start_n, start_n + BLOCK_N) over the query blocks [lo, hi) of
+    one query head, in the transposed orientation (keys along rows): sᵀ = K·Qᵀ.
+
+    Rows past n_q load lse = +inf, so their weights are 0; key rows past n_k are never stored."""
+    k_local = tl.arange(0, BLOCK_N)[:, None]
+    k_idx = start_n + k_local
+    q_local_1d = tl.arange(0, BLOCK_M)
+    q_local = q_local_1d[None, :]
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        q_idx = start_m + q_local
+        q_t = _load_tile(q_base, start_m, stride_qm, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, True, True)
+        s_t = _dot(k, q_t, UPCAST_DOT, DOT_PRECISION) * qk_scale2
+        s_t = _mask_scores(
+            s_t, q_idx, k_idx, start_m, start_n, mask_base, stride_mm, stride_mn, n_q, n_k, q_local, k_local,
+            MASK_KIND, False, CAUSAL_BLOCK, True,
+        )
+        rows_ok = start_m + q_local_1d < n_q
+        lse2 = tl.load(lse_base + start_m + q_local_1d, mask=rows_ok, other=float("inf")) * 1.4426950408889634
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        do = _load_tile(do_base, start_m, stride_dom, n_q, BLOCK_M, BLOCK_DV, HEAD_DIM_V, True, False)
+        dp_t = _dot(v, tl.trans(do), UPCAST_DOT, DOT_PRECISION)
+        if DROPOUT:
+            keep_t = _dropout_keep(seed, bh, q_idx, k_idx, dropout_p)
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            dv += _dot(tl.where(keep_t, p_t * inv_keep, 0.0).to(do.dtype), do, UPCAST_DOT, DOT_PRECISION)
+            dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
+        else:
+            dv += _dot(p_t.to(do.dtype), do, UPCAST_DOT, DOT_PRECISION)
+        delta = tl.load(delta_base + start_m + q_local_1d, mask=rows_ok, other=0.0)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q_t.dtype), tl.trans(q_t), UPCAST_DOT, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    Mask,
+    DOut,
+    Lse,
+    Delta,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    n_heads_q,
+    n_heads_kv,
+    group_size,
+    n_q,
+    n_k,
+    scale,
+    qk_scale2,
+    dropout_p,
+    seed,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_n_blocks = tl.cdiv(n_k, BLOCK_N)
+    bh_kv = pid // n_n_blocks
+    start_n = (pid % n_n_blocks) * BLOCK_N
+    b = bh_kv // n_heads_kv
+    h_kv = bh_kv % n_heads_kv
+
+    k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
+    k = _load_tile(k_base, start_n, stride_kn, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, True, False)
+    v = _load_tile(v_base, start_n, stride_vn, n_k, BLOCK_N, BLOCK_DV, HEAD_DIM_V, True, False)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    if IS_CAUSAL:
+        # rows i >= start_n see this block; from full_start on, every row sees all of its keys
+        masked_start = (start_n // BLOCK_M) * BLOCK_M
+        full_start = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, n_q)
+        masked_start = tl.minimum(masked_start, full_start)
+    else:
+        masked_start = 0
+        full_start = 0
+
+    # the query heads of this K/V head's group: their contributions sum in dk/dv (GQA/MQA)
+    for g in range(group_size):
+        h = h_kv * group_size + g
+        bh = b * n_heads_q + h
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+        lse_base = Lse + bh.to(tl.int64) * n_q
+        delta_base = Delta + bh.to(tl.int64) * n_q
+        if IS_CAUSAL:
+            dk, dv = _dkdv_query_blocks(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_n, masked_start, full_start,
+                bh, seed, dropout_p, qk_scale2, n_q, n_k, stride_qm, stride_dom, stride_mm, stride_mn,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, True,
+                UPCAST_DOT, DOT_PRECISION,
+            )
+        dk, dv = _dkdv_query_blocks(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_n, full_start, n_q,
+            bh, seed, dropout_p, qk_scale2, n_q, n_k, stride_qm, stride_dom, stride_mm, stride_mn,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, False,
+            UPCAST_DOT, DOT_PRECISION,
+        )
+
+    # dK and dV are written contiguous (B, Hkv, Nk, D)
+    rows = start_n + tl.arange(0, BLOCK_N)[:, None]
+    rows_ok = rows < n_k
+    out_row = bh_kv.to(tl.int64) * n_k + rows
+    cols = tl.arange(0, BLOCK_D)[None, :]
+    tl.store(DK + out_row * HEAD_DIM + cols, (dk * scale).to(DK.dtype.element_ty), mask=rows_ok & (cols < HEAD_DIM))
+    cols_v = tl.arange(0, BLOCK_DV)[None, :]
+    tl.store(DV + out_row * HEAD_DIM_V + cols_v, dv.to(DV.dtype.element_ty), mask=rows_ok & (cols_v < HEAD_DIM_V))
+
+
+@triton.jit
+def _dq_key_blocks(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    mask_base,
+    start_m,
+    lo,
+    hi,
+    bh,
+    seed,
+    dropout_p,
+    qk_scale2,
+    n_q,
+    n_k,
+    stride_kn,
+    stride_vn,
+    stride_mm,
+    stride_mn,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    EDGE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dQ accumulation of query rows [start_m, start_m + BLOCK_M) over the key blocks [lo, hi)."""
+    q_local = tl.arange(0, BLOCK_M)[:, None]
+    q_idx = start_m + q_local
+    k_local = tl.arange(0, BLOCK_N)[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k_idx = start_n + k_local
+        k_t = _load_tile(k_base, start_n, stride_kn, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, EDGE, True)
+        v_t = _load_tile(v_base, start_n, stride_vn, n_k, BLOCK_N, BLOCK_DV, HEAD_DIM_V, EDGE, True)
+        s = _dot(q, k_t, UPCAST_DOT, DOT_PRECISION) * qk_scale2
+        s = _mask_scores(
+            s, q_idx, k_idx, start_m, start_n, mask_base, stride_mm, stride_mn, n_q, n_k, q_local, k_local,
+            MASK_KIND, EDGE, IS_CAUSAL, EDGE,
+        )
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = _dot(do, v_t, UPCAST_DOT, DOT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, q_idx, k_idx, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k_t.dtype), tl.trans(k_t), UPCAST_DOT, DOT_PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    Mask,
+    DOut,
+    Lse,
+    Delta,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    n_heads_q,
+    group_size,
+    n_q,
+    n_k,
+    scale,
+    qk_scale2,
+    dropout_p,
+    seed,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_m_blocks = tl.cdiv(n_q, BLOCK_M)
+    bh = pid // n_m_blocks
+    m_block = pid % n_m_blocks
+    if IS_CAUSAL:
+        m_block = n_m_blocks - 1 - m_block
+    b = bh // n_heads_q
+    h = bh % n_heads_q
+    h_kv = h // group_size
+    start_m = m_block * BLOCK_M
+
+    q = _load_tile(
+        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, start_m, stride_qm, n_q,
+        BLOCK_M, BLOCK_D, HEAD_DIM, True, False,
+    )
+    do = _load_tile(
+        DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, start_m, stride_dom, n_q,
+        BLOCK_M, BLOCK_DV, HEAD_DIM_V, True, False,
+    )
+    rows = start_m + tl.arange(0, BLOCK_M)
+    rows_ok = rows < n_q
+    lse2 = tl.load(Lse + bh.to(tl.int64) * n_q + rows, mask=rows_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + bh.to(tl.int64) * n_q + rows, mask=rows_ok, other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
+    mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    full_end, end = _key_block_ranges(start_m, n_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    dq = _dq_key_blocks(
+        dq, q, do, lse2, delta, k_base, v_base, mask_base, start_m, 0, full_end, bh, seed, dropout_p, qk_scale2,
+        n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
+        False, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
+    )
+    dq = _dq_key_blocks(
+        dq, q, do, lse2, delta, k_base, v_base, mask_base, start_m, full_end, end, bh, seed, dropout_p, qk_scale2,
+        n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
+        True, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
+    )
+
+    # dQ is written contiguous (B, Hq, Nq, D)
+    out_row = bh.to(tl.int64) * n_q + rows[:, None]
+    cols = tl.arange(0, BLOCK_D)[None, :]
+    tl.store(DQ + out_row * HEAD_DIM + cols, (dq * scale).to(DQ.dtype.element_ty), mask=rows_ok[:, None] & (cols < HEAD_DIM))
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_keep_kernel(Keep, n_heads_q, n_q, n_k, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Materialise the attention kernels' dropout keep mask (B, Hq, Nq, Nk) (tests, debugging)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    keep = _dropout_keep(seed, bh, rows, cols, dropout_p)
+    ptrs = Keep + (bh.to(tl.int64) * n_q + rows) * n_k + cols
+    tl.store(ptrs, keep, mask=(rows < n_q) & (cols < n_k))
+
+
+# --------------------------------------------------------------------------------------------
+# launch configurations
+# --------------------------------------------------------------------------------------------
+
+# Under the interpreter: small blocks so that the tests' short sequences still span several
+# blocks, diagonal blocks and ragged ends (BLOCK_M != BLOCK_N on purpose).
+_INTERPRETER_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+
+
+def _autotuning() -> bool:
+    return not _INTERPRETING and os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
+
+
+def _shared_memory_limit() -> int:
+    """Bytes of shared memory one program may use on the current GPU (A100 ~163 KiB, H100 ~227 KiB)."""
+    if not torch.cuda.is_available():
+        return 0
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+
+
+def _warps(tile_elements: int) -> int:
+    """8 warps once a program's largest fp32 tile (scores or accumulator) reaches 128x128
+    elements, 4 below: ptxas reports 255 registers and spills for a 128x128 score tile at 4 warps."""
+    return 8 if tile_elements >= 128 * 128 else 4
+
+
+def _stages(block_d: int) -> tuple[int, ...]:
+    """Pipeline depths worth trying: deeper for small heads, shallow for 256-wide ones."""
+    if block_d <= 64:
+        return (2, 3, 4)
+    if block_d <= 128:
+        return (2, 3)
+    return (1, 2)
+
+
+def _candidates(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_bytes: int):
+    """(BLOCK_M, BLOCK_N, warps, stages) tuples for A100/H100, pruned by head dim, causal and the
+    device's shared memory (pipelined K/V or Q/dO tiles plus the resident tile).
+
+    The lists come from compiling every candidate for sm_80 and sm_90 with Triton 3.6 and 3.9 and
+    reading ptxas' register and spill counts: blocks that spilled at a head width are left out."""
+    wide = max(block_d, block_dv) > 128
+    if kind == "fwd":
+        blocks = [(128, 128), (128, 64), (128, 32), (64, 64), (64, 32)]
+        if wide:  # 256-wide heads: the K/V tiles and the accumulator must stay small
+            blocks = [(128, 64), (128, 32), (64, 64), (64, 32)]
+        if is_causal:  # a block straddling the diagonal wastes ~half its area: no 128x128 tiles
+            blocks = [(m, n) for m, n in blocks if m * n < 128 * 128]
+    elif kind == "dkdv":  # (BLOCK_M, BLOCK_N): keys resident, queries streamed
+        blocks = [(32, 128), (32, 64), (64, 64)]
+        if wide:
+            blocks = [(32, 32), (16, 32)]
+        if is_causal:  # the extra diagonal-block loop: 64-row query tiles spill
+            blocks = [(m, n) for m, n in blocks if m <= 32]
+    else:  # dq: queries resident, keys streamed
+        blocks = [(128, 64), (128, 32), (64, 64), (64, 32)]
+        if wide:
+            blocks = [(64, 64), (64, 32), (32, 32)]
+    limit = _shared_memory_limit()
+    out = []
+    for block_m, block_n in blocks:
+        qk_v = block_d + block_dv
+        if kind == "fwd":  # Q resident, K/V streamed, O accumulated
+            resident, streamed, acc = block_m * block_d, block_n * qk_v, block_m * block_dv
+        elif kind == "dkdv":  # K/V resident, Q/dO streamed, dK/dV accumulated
+            resident, streamed, acc = block_n * qk_v, block_m * qk_v, block_n * qk_v
+        else:  # Q/dO resident, K/V streamed, dQ accumulated
+            resident, streamed, acc = block_m * qk_v, block_n * qk_v, block_m * block_d
+        warps = 8 if wide else _warps(max(acc, block_m * block_n))
+        for stages in _stages(max(block_d, block_dv)):
+            if limit and (resident + stages * streamed) * elem_bytes > limit:
+                continue
+            out.append((block_m, block_n, warps, stages))
+    return out
+
+
+# The configuration used without autotuning (FASTATTN_AUTOTUNE=0): (BLOCK_M, BLOCK_N) for heads up
+# to 128 wide and above, at 2 stages.
+_DEFAULT_BLOCKS = {"fwd": ((128, 64), (64, 64)), "dkdv": ((32, 128), (32, 32)), "dq": ((128, 32), (64, 32))}
+
+
+@functools.cache
+def _tuned(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_bytes: int):
+    """The kernel of ``kind`` wrapped in an Autotuner over its pruned configs (one config when not
+    autotuning; Triton does not benchmark a single config)."""
+    kernel = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
+    if _INTERPRETING:
+        block_m, block_n = _INTERPRETER_BLOCKS[kind]
+        configs = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)]
+    else:
+        candidates = _candidates(kind, block_d, block_dv, is_causal, elem_bytes)
+        if not _autotuning():
+            narrow, wide = _DEFAULT_BLOCKS[kind]
+            blocks = wide if max(block_d, block_dv) > 128 else narrow
+            chosen = [c for c in candidates if c[:2] == blocks and c[3] <= 2]
+            candidates = chosen[-1:] or candidates[-1:]
+        configs = [
+            triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+            for block_m, block_n, warps, stages in candidates
+        ]
+    key = ["n_q", "n_k", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "DROPOUT"]
+    return triton.autotune(configs=configs, key=key)(kernel)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+
+
+def _block_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels read rows with unit column stride; any other layout is kept as is."""
+    return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
+
+
+def _mask_args(mask: torch.Tensor | None, like: torch.Tensor):
+    """(kind, tensor, strides) for the kernels: kind 0 none, 1 bool, 2 additive float."""
+    if mask is None:
+        return 0, like, (0, 0, 0, 0)
+    return (1 if mask.dtype == torch.bool else 2), mask, tuple(mask.stride())
+
+
+def _common_meta(q, k, v, mask, is_causal, dropout_p):
+    mask_kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
+    return {
+        "HEAD_DIM": q.size(-1),
+        "HEAD_DIM_V": v.size(-1),
+        "BLOCK_D": _block_dim(q.size(-1)),
+        "BLOCK_DV": _block_dim(v.size(-1)),
+        "IS_CAUSAL": bool(is_causal),
+        "MASK_KIND": mask_kind,
+        "DROPOUT": dropout_p > 0.0,
+        "UPCAST_DOT": _INTERPRETING and q.dtype == torch.bfloat16,
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+    }
+
+
+def _tuned_for(kind, q, v, is_causal):
+    return _tuned(kind, _block_dim(q.size(-1)), _block_dim(v.size(-1)), bool(is_causal), q.element_size())
+
+
+@triton_op("fastattn_triton::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    is_causal: bool,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Hq, Nq, Dv), lse (B, Hq, Nq) float32 natural log, +inf on fully masked rows)."""
+    batch, heads_q, n_q, _ = q.shape
+    heads_kv, n_k = k.size(1), k.size(2)
+    out = empty(batch, heads_q, n_q, v.size(-1), dtype=q.dtype, device=q.device)
+    lse = empty(batch, heads_q, n_q, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    if n_k == 0:  # no key to attend: every row is fully masked
+        return out.zero_(), lse.fill_(float("inf"))
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * batch * heads_q,)  # noqa: E731
+    wrap_triton(_tuned_for("fwd", q, v, is_causal))[grid](
+        q, k, v, mask_arg, out, lse,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
+        heads_q, heads_q // heads_kv, n_q, n_k, scale * LOG2E, dropout_p, seed,
+        **_common_meta(q, k, v, mask, is_causal, dropout_p),
+    )
+    return out, lse
+
+
+@triton_op("fastattn_triton::attention_bwd", mutates_args=())
+def attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    is_causal: bool,
+    dropout_p: float,
+    seed: int,
+    need_dq: bool,
+    need_dkdv: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) laid out contiguous; a gradient not asked for is an empty (0,) tensor."""
+    batch, heads_q, n_q, head_dim = q.shape
+    heads_kv, n_k, head_dim_v = k.size(1), k.size(2), v.size(-1)
+    nothing = q.new_empty(0)
+    dq = empty(*q.shape, dtype=q.dtype, device=q.device) if need_dq else nothing
+    dk = empty(*k.shape, dtype=k.dtype, device=k.device) if need_dkdv else q.new_empty(0)
+    dv = empty(*v.shape, dtype=v.dtype, device=v.device) if need_dkdv else q.new_empty(0)
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0 or n_q == 0 or n_k == 0:
+        # nothing to attend or nobody attending: all gradients are zero
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    dout, q, k, v = (_unit_last_stride(t) for t in (dout, q, k, v))
+    mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
+    meta = _common_meta(q, k, v, mask, is_causal, dropout_p)
+    group_size = heads_q // heads_kv
+
+    delta = empty(batch, heads_q, n_q, dtype=torch.float32, device=q.device)
+    delta_block = 64 if _INTERPRETING else 128
+    wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(n_q, delta_block) * batch * heads_q,)](
+        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads_q, n_q,
+        HEAD_DIM_V=head_dim_v, BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=delta_block,
+    )
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *dout.stride()[:3])
+    if need_dkdv:
+        grid = lambda m: (triton.cdiv(n_k, m["BLOCK_N"]) * batch * heads_kv,)  # noqa: E731
+        wrap_triton(_tuned_for("dkdv", q, v, is_causal))[grid](
+            q, k, v, mask_arg, dout, lse, delta, dk, dv, *strides,
+            heads_q, heads_kv, group_size, n_q, n_k, scale, scale * LOG2E, dropout_p, seed, **meta,
+        )
+    if need_dq:
+        grid = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]) * batch * heads_q,)  # noqa: E731
+        wrap_triton(_tuned_for("dq", q, v, is_causal))[grid](
+            q, k, v, mask_arg, dout, lse, delta, dq, *strides,
+            heads_q, group_size, n_q, n_k, scale, scale * LOG2E, dropout_p, seed, **meta,
+        )
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, scale, is_causal, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, mask, out, lse)
+    ctx.args = (scale, is_causal, dropout_p, seed)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, mask, out, lse = ctx.saved_tensors
+    need_dq = ctx.needs_input_grad[0]
+    need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    if grad_out is None or not (need_dq or need_dkdv):
+        return None, None, None, None, None, None, None, None
+    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, mask, *ctx.args, need_dq, need_dkdv)
+    return (
+        dq if need_dq else None,
+        dk if ctx.needs_input_grad[1] else None,
+        dv if ctx.needs_input_grad[2] else None,
+        None, None, None, None, None,
+    )
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# the op as the dispatch sees it
+# --------------------------------------------------------------------------------------------
+
+
+def attention(q, k, v, mask, scale, is_causal, dropout_p, seed):
+    """Canonical attention op (see fastattn/functional.py): softmax(q·kᵀ·scale + mask)·v."""
+    out, _ = torch.ops.fastattn_triton.attention_fwd(q, k, v, mask, float(scale), bool(is_causal), float(dropout_p), int(seed))
+    return out
+
+
+def supports(q, k, v, mask, scale, is_causal, dropout_p, seed) -> str | None:
+    """None when the triton kernel can serve this call, else why not."""
+    if q.dtype not in _SUPPORTED_DTYPES:
+        return f"the triton attention kernel takes float16, bfloat16 or float32, not {q.dtype}"
+    if q.device.type != "cuda" and not (_INTERPRETING and q.device.type == "cpu"):
+        return f"triton runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1), not {q.device.type}"
+    if q.size(-1) > MAX_HEAD_DIM or v.size(-1) > MAX_HEAD_DIM:
+        return f"head dim {max(q.size(-1), v.size(-1))} > {MAX_HEAD_DIM}, the largest the triton attention kernel tiles"
+    if mask is not None and mask.requires_grad:
+        return "the triton attention kernel gives no gradient for attn_mask, and this one requires grad"
+    return None
+
+
+def dropout_keep_mask(seed: int, batch: int, heads_q: int, n_q: int, n_k: int, dropout_p: float, device) -> torch.Tensor:
+    """The exact keep mask (bool (B, Hq, Nq, Nk), True = kept) the kernels draw for ``seed``, so a
+    test can run reference.attention(..., dropout_mask=mask) against them."""
+    keep = torch.empty(batch, heads_q, n_q, n_k, dtype=torch.bool, device=device)
+    if keep.numel() == 0:
+        return keep
+    block_m, block_n = 32, 32
+    grid = (triton.cdiv(n_q, block_m), triton.cdiv(n_k, block_n), batch * heads_q)
+    _dropout_keep_kernel[grid](keep, heads_q, n_q, n_k, float(dropout_p), int(seed), BLOCK_M=block_m, BLOCK_N=block_n)
+    return keep
+
+
+OPS = {"attention": Op(fn=attention, supports=supports)}
