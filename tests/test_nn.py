@@ -317,6 +317,18 @@ def test_multihead_attention_empty_inputs(need_weights):
     assert out.shape == (0, L, E)
 
 
+def test_layers_empty_inputs():
+    encoder = fnn.TransformerEncoderLayer(**_layer_kwargs(batch_first=True))
+    decoder = fnn.TransformerDecoderLayer(**_layer_kwargs(batch_first=True, norm_first=True))
+    assert encoder(torch.randn(N, 0, E)).shape == (N, 0, E)
+    assert encoder(torch.randn(0, L, E)).shape == (0, L, E)
+    assert decoder(torch.randn(N, 0, E), torch.randn(N, S, E)).shape == (N, 0, E)
+    out = decoder(torch.randn(N, L, E), torch.randn(N, 0, E))  # no memory: cross-attention gives zeros
+    assert out.shape == (N, L, E) and torch.isfinite(out).all()
+    assert fnn.FeedForward(E, 48)(torch.randn(0, E)).shape == (0, E)
+    assert fnn.RMSNorm(E)(torch.randn(0, E)).shape == (0, E)
+
+
 def test_multihead_attention_bad_arguments():
     mha = fnn.MultiheadAttention(E, H)
     x = torch.randn(L, N, E)

@@ -45,7 +45,11 @@ def _adopt(module: torch.nn.Module) -> None:
 def _refuse_nested(**tensors) -> None:
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.is_nested:
-            raise TypeError(f"{name} is a nested tensor; fastattn takes padded tensors with a key padding mask")
+            raise TypeError(
+                f"{name} is a nested tensor; fastattn takes padded tensors with a key padding mask (a "
+                "torch.nn.TransformerEncoder makes nested tensors in inference: use fastattn.nn.TransformerEncoder "
+                "or fastattn.patch(model))"
+            )
 
 
 def _seq_len(x: torch.Tensor, batch_first: bool) -> int:
