@@ -375,7 +375,7 @@ def _launch_forward(x, mask, y, scale: float, is_causal: bool, log: bool) -> Non
     sx, sy = strides[0], strides[1]
     sm = strides[2] if mask is not None else (0,) * 5
     mask_kind = MASK_NONE if mask is None else (MASK_BOOL if mask.dtype == torch.bool else MASK_FLOAT)
-    mask_arg = x if mask is None else (mask.view(torch.uint8) if mask.dtype == torch.bool else mask)
+    mask_arg = x if mask is None else mask  # a bool mask loads as bytes (Triton: *i1)
     plan = _Plan(n, sizes, sx, x.device)
     S1, S2, S3 = sizes[1], sizes[2], sizes[3]
     wide = _wide_cols(n, strides)
