@@ -29,7 +29,7 @@ X_LABEL = "sequence length N (Nq = Nk)"
 METRIC = "tflops"
 MODES = ("fwd", "bwd", "fwd_bwd")
 HEADLINE_MODE = "fwd_bwd"
-BUDGET_S = {"cpu": 240, "cuda": 480}
+BUDGET_S = {"cpu": 200, "cuda": 420}
 
 SDPA_BACKENDS = {
     "sdpa-flash": "FLASH_ATTENTION",

@@ -30,7 +30,7 @@ X_LABEL = "tokens M"
 METRIC = "tflops"
 MODES = ("fwd", "bwd", "fwd_bwd")
 HEADLINE_MODE = "fwd_bwd"
-BUDGET_S = {"cpu": 90, "cuda": 180}
+BUDGET_S = {"cpu": 60, "cuda": 150}
 ACTIVATIONS = ("gelu", "swiglu")
 
 

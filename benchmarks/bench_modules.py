@@ -22,7 +22,7 @@ X_LABEL = "sequence length N"
 METRIC = "tokens"
 MODES = ("fwd_bwd",)
 HEADLINE_MODE = "fwd_bwd"
-BUDGET_S = {"cpu": 90, "cuda": 180}
+BUDGET_S = {"cpu": 60, "cuda": 150}
 
 
 def _shape(ctx: Context) -> dict:

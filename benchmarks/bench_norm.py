@@ -26,7 +26,7 @@ X_LABEL = "hidden size N"
 METRIC = "gbps"
 MODES = ("fwd", "bwd", "fwd_bwd")
 HEADLINE_MODE = "fwd"
-BUDGET_S = {"cpu": 75, "cuda": 150}
+BUDGET_S = {"cpu": 50, "cuda": 90}
 NORMS = ("layer_norm", "rms_norm")
 EPS = 1e-5
 

@@ -25,7 +25,7 @@ X_LABEL = "row length N"
 METRIC = "gbps"
 MODES = ("fwd", "bwd", "fwd_bwd")
 HEADLINE_MODE = "fwd"
-BUDGET_S = {"cpu": 90, "cuda": 180}
+BUDGET_S = {"cpu": 60, "cuda": 120}
 
 
 def cases(ctx: Context) -> list[Case]:

@@ -20,7 +20,7 @@ X_LABEL = "sequence length T"
 METRIC = "tokens"
 MODES = ("step",)
 HEADLINE_MODE = "step"
-BUDGET_S = {"cpu": 120, "cuda": 300}
+BUDGET_S = {"cpu": 90, "cuda": 240}
 
 # provider -> (attn_impl, ffn_impl) of ModelConfig
 IMPLS = {

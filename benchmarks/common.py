@@ -373,7 +373,7 @@ def seconds_per_call(fn: Callable[[], None], device: str) -> float:
 
 
 def time_callable(fn: Callable[[], None], ctx: Context) -> dict:
-    """Median time of ``fn`` (after warm-up) with its interquartile range and number of runs."""
+    """Median time of an already warm ``fn``, with its interquartile range and number of runs."""
     min_run_time, warmup_ms, rep_ms, _ = TIMING[ctx.size]
     if ctx.gpu:
         import triton.testing
@@ -382,7 +382,6 @@ def time_callable(fn: Callable[[], None], ctx: Context) -> dict:
         return {"time_ms": median, "time_iqr_ms": q3 - q1, "runs": None}
     from torch.utils import benchmark
 
-    fn()  # warm-up (the caller's probe already ran it once)
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     measurement = timer.blocked_autorange(min_run_time=min_run_time)
     return {"time_ms": measurement.median * 1e3, "time_iqr_ms": measurement.iqr * 1e3, "runs": len(measurement.times)}
@@ -418,11 +417,21 @@ def cuda_peak_memory(runner: Runner) -> float:
     return peak / 2**20
 
 
+# Inputs are rotated only for calls shorter than this: a longer call streams far more data than
+# the cache holds (its own traffic evicts the inputs), so building copies would only cost time.
+ROTATE_BELOW_S = 0.02
+
+
 def measure(workload: Workload, mode: str, ctx: Context, memory: bool = True) -> dict:
     """Probe, warm up and time one mode of a workload (and its GPU peak memory). Errors propagate."""
-    runner = Runner(workload, mode, cache_bytes=last_level_cache_bytes(ctx.device))
+    runner = Runner(workload, mode, copies=1)
     runner()  # probe: compiles, autotunes, raises when the provider cannot run this case
     per_call = seconds_per_call(runner, ctx.device)
+    copies = rotation_copies(state_bytes(runner.states[0]), last_level_cache_bytes(ctx.device), workload.max_copies)
+    if copies > 1 and per_call < ROTATE_BELOW_S:
+        runner = Runner(workload, mode, copies=copies)
+        for _ in range(copies):  # warm every copy once
+            runner()
     result = {"per_call_s": per_call, "copies": runner.copies}
     result.update(time_callable(runner, ctx))
     if memory and ctx.gpu and mode in MEMORY_MODES:
@@ -609,8 +618,19 @@ def collect_stamp(device: str) -> dict:
         "cudnn": cudnn,
         "commit": commit,
         "commit_dirty": dirty,
+        "cpu_count": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def busy_warning(stamp: dict) -> str | None:
+    """A warning when other processes kept the CPUs busy at the start of a CPU run (the timings
+    of a multi-threaded op then include waits for descheduled threads)."""
+    load, cores = stamp.get("load_average_1m"), stamp.get("cpu_count")
+    if stamp.get("device") != "cpu" or load is None or not cores or load <= cores:
+        return None
+    return f"the machine was busy (load average {load:g} on {cores} cores): CPU timings are unreliable"
 
 
 def stamp_line(stamp: dict) -> str:
@@ -628,7 +648,8 @@ def stamp_line(stamp: dict) -> str:
     commit = (stamp.get("commit") or "unknown")[:10] + ("+dirty" if stamp.get("commit_dirty") else "")
     parts.append(f"commit `{commit}`")
     parts.append(str(stamp.get("date", "")))
-    return " · ".join(parts)
+    warning = busy_warning(stamp)
+    return " · ".join(parts) + (f"  \n**Warning:** {warning}." if warning else "")
 
 
 # ------------------------------------------------------------------------------------------------

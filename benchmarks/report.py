@@ -89,7 +89,10 @@ def _cell(record: dict | None, value_key: str) -> str:
     if value_key == "metric":
         return f"{fmt(record.get('metric'))} ({fmt(record.get('time_ms'))} ms)"
     value = record.get(value_key)
-    return fmt(value) if value is not None else ("error" if record.get("memory_error") else "—")
+    if value is not None:
+        return fmt(value)
+    error = record.get("memory_error") or ""
+    return "skipped" if error.startswith("skipped") else ("error" if error else "—")
 
 
 def results_table(data: dict, series: str, mode: str, value_key: str = "metric") -> str | None:

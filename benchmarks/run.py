@@ -31,6 +31,7 @@ from benchmarks.common import (
     SCHEMA_VERSION,
     TIMING,
     Context,
+    busy_warning,
     classify_error,
     collect_stamp,
     cpu_peak_memory,
@@ -48,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(FAMILIES), help=f"comma-separated families ({', '.join(FAMILIES)})")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="size", action="store_const", const="quick", help="small sizes, short timings")
-    size.add_argument("--size", choices=sorted(TIMING), default="full", help="size preset (tiny is for tests)")
+    size.add_argument("--size", choices=sorted(TIMING), help="size preset: full (default), quick, tiny (tests)")
+    parser.set_defaults(size="full")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is present")
     parser.add_argument("--dtype", help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: all; 1 for --size tiny)")
@@ -114,60 +116,100 @@ def _free(ctx: Context) -> None:
         torch.cuda.empty_cache()
 
 
-def _timing_records(module, ctx, cases, reasons, progress, deadline) -> list[dict]:
-    """Probe and time every (case, runnable provider, mode), smallest sizes first."""
-    limit_s = TIMING[ctx.size][3]
-    runnable = [p for p, reason in reasons.items() if reason is None]
-    blocked: dict[tuple, str] = {}  # (provider, series, mode) -> why larger sizes are skipped
-    records = []
-    series_order = {c.series: i for i, c in reversed(list(enumerate(cases)))}
-    for case in sorted(cases, key=lambda c: (series_order[c.series], c.x)):
-        for provider in runnable:
-            workload, build_error = None, None
-            for mode in module.MODES:
-                record = {"series": case.series, "x": case.x, "params": case.params, "provider": provider,
-                          "mode": mode, "work": case.work.get(mode), "status": "ok", "reason": None}
-                progress.describe(f"{module.FAMILY} {provider} {case.x} {mode}")
-                key = (provider, case.series, mode)
-                if key in blocked:
-                    record.update(status="skipped", reason=blocked[key])
-                elif time.monotonic() > deadline:
-                    record.update(status="skipped", reason="the family's time budget was used up")
-                else:
-                    caught = []
+# No provider may use more than this fraction of its family's time budget (a torch.compile per
+# shape, say), so that one slow provider cannot starve the others of their large sizes.
+PROVIDER_SHARE = 0.4
+# The CPU memory subprocess of a family gets this fraction of the family's budget on top of it.
+MEMORY_SHARE = 0.3
+
+
+class FamilyTimer:
+    """Probes and times every (case, runnable provider, mode) of a family, smallest sizes first,
+    within the family's time budget."""
+
+    def __init__(self, module, ctx: Context, budget_s: float, progress: Progress):
+        self.module, self.ctx, self.budget_s, self.progress = module, ctx, budget_s, progress
+        self.deadline = time.monotonic() + budget_s
+        self.limit_s = TIMING[ctx.size][3]
+        self.blocked: dict[tuple, str] = {}  # (provider, series, mode) -> why larger sizes are skipped
+        self.spent = Counter()  # provider -> seconds
+
+    def run(self, cases: list, providers: list[str]) -> list[dict]:
+        # Sizes in increasing order across all series: when the budget runs out, every series has
+        # lost its largest sizes rather than one series everything.
+        series_order = {c.series: i for i, c in reversed(list(enumerate(cases)))}
+        records = []
+        for case in sorted(cases, key=lambda c: (c.x, series_order[c.series])):
+            for provider in providers:
+                records += self._provider_case(case, provider)
+                _free(self.ctx)
+        return records
+
+    def _provider_case(self, case, provider: str) -> list[dict]:
+        """All modes of one provider on one case; the workload is built once for them."""
+        built: dict = {}
+        records = []
+        for mode in self.module.MODES:
+            self.progress.describe(f"{self.module.FAMILY} {provider} {case.x} {mode}")
+            record = {"series": case.series, "x": case.x, "params": case.params, "provider": provider,
+                      "mode": mode, "work": case.work.get(mode), "status": "ok", "reason": None}
+            skip = self._skip_reason(provider, case.series, mode)
+            if skip:
+                record.update(status="skipped", reason=skip)
+            else:
+                started = time.monotonic()
+                record.update(self._measure(case, provider, mode, built))
+                self.spent[provider] += time.monotonic() - started
+                self._note_limits(record, (provider, case.series, mode))
+                _free(self.ctx)
+            if record["status"] == "ok":
+                record["metric"] = metric_value(self.module.METRIC, record["work"], record["time_ms"])
+            records.append(record)
+            self.progress.update()
+        return records
+
+    def _skip_reason(self, provider: str, series: str, mode: str) -> str | None:
+        if (provider, series, mode) in self.blocked:
+            return self.blocked[(provider, series, mode)]
+        if time.monotonic() > self.deadline:
+            return f"the family's time budget ({self.budget_s:g} s) was used up"
+        if self.spent[provider] > PROVIDER_SHARE * self.budget_s:
+            return f"this provider used its share ({PROVIDER_SHARE * self.budget_s:g} s) of the family's time budget"
+        return None
+
+    def _measure(self, case, provider: str, mode: str, built: dict) -> dict:
+        """The measurement, or the status and reason of the failure (a failed build fails every mode)."""
+        caught = []
+        try:
+            with recording_warnings() as caught:
+                if "error" in built:
+                    raise built["error"]
+                if "workload" not in built:
                     try:
-                        with recording_warnings() as caught:
-                            if workload is None:
-                                if build_error is not None:  # the same case and provider: same failure
-                                    raise build_error
-                                try:
-                                    workload = module.build(provider, case.params, ctx)
-                                except Exception as exc:
-                                    build_error = exc
-                                    raise
-                            record.update(measure(workload, mode, ctx))
-                    except Exception as exc:  # classified and recorded: the suite goes on
-                        status, reason = classify_error(exc, caught)
-                        record.update(status=status, reason=reason)
-                    if record["status"] == "oom":
-                        blocked[key] = f"skipped: out of memory at {module.X_LABEL.split(' (')[0]} {case.x}"
-                    elif record["status"] == "ok" and record["per_call_s"] > limit_s:
-                        blocked[key] = (f"skipped: {case.x} took {record['per_call_s']:.1f} s per call "
-                                        f"(over the {limit_s:g} s limit)")
-                    _free(ctx)
-                if record["status"] == "ok":
-                    record["metric"] = metric_value(module.METRIC, record["work"], record["time_ms"])
-                records.append(record)
-                progress.update()
-            del workload
-            _free(ctx)
-    return records
+                        built["workload"] = self.module.build(provider, case.params, self.ctx)
+                    except Exception as exc:
+                        built["error"] = exc
+                        raise
+                return measure(built["workload"], mode, self.ctx)
+        except Exception as exc:  # classified and recorded: the suite goes on
+            status, reason = classify_error(exc, caught)
+            return {"status": status, "reason": reason}
+
+    def _note_limits(self, record: dict, key: tuple) -> None:
+        """Skip larger sizes of this provider, series and mode after an OOM or a too slow call."""
+        x_name = self.module.X_LABEL.split(" (")[0]
+        if record["status"] == "oom":
+            self.blocked[key] = f"skipped: out of memory at {x_name} {record['x']}"
+        elif record["status"] == "ok" and record["per_call_s"] > self.limit_s:
+            self.blocked[key] = (f"skipped: {x_name} {record['x']} took {record['per_call_s']:.1f} s per call "
+                                 f"(over the {self.limit_s:g} s limit)")
 
 
 def _cpu_memory(module, ctx, records, progress, timeout_s) -> None:
     """Fill peak_mem_mib of the CPU records that ran, from one subprocess per family."""
     todo = [r for r in records if r["status"] == "ok" and r["mode"] in MEMORY_MODES]
     items = [{"provider": r["provider"], "params": r["params"], "mode": r["mode"]} for r in todo]
+    progress.update(sum(r["mode"] in MEMORY_MODES for r in records) - len(items))  # planned, not needed
     if not items:
         return
     progress.describe(f"{module.FAMILY} peak memory (subprocess)")
@@ -203,9 +245,10 @@ def run_family(family: str, ctx: Context, args, stamp: dict, progress: Progress,
     cases = module.cases(ctx)
     reasons = provider_reasons(module, ctx, args.selected)
     budget = module.BUDGET_S["cuda" if ctx.gpu else "cpu"] * args.budget_scale
-    records = _timing_records(module, ctx, cases, reasons, progress, started + budget)
+    runnable = [p for p, reason in reasons.items() if reason is None]
+    records = FamilyTimer(module, ctx, budget, progress).run(cases, runnable)
     if not args.no_memory and not ctx.gpu:
-        _cpu_memory(module, ctx, records, progress, timeout_s=max(60.0, budget / 2))
+        _cpu_memory(module, ctx, records, progress, timeout_s=max(30.0, MEMORY_SHARE * budget))
     data = {
         "schema": SCHEMA_VERSION,
         "family": family,
@@ -257,6 +300,8 @@ def main(argv=None) -> int:
     out_dir = args.out or RESULTS_ROOT / stamp["device_slug"]
     print(f"benchmarking on {stamp['device_name']} ({ctx.device}, {ctx.dtype}, {ctx.size} sizes) -> {out_dir}",
           file=sys.stderr, flush=True)
+    if busy_warning(stamp):
+        print(f"warning: {busy_warning(stamp)}", file=sys.stderr, flush=True)
     progress = Progress(_planned_measurements(ctx, args), enabled=not args.no_progress)
     settle_garbage()
     written = []

@@ -158,6 +158,56 @@ def test_tiny_run_writes_json_markdown_and_png(tmp_path):
     assert "| sequence length N |" in markdown and "`fastattn-triton`" in markdown
 
 
+def test_run_arguments():
+    assert run.parse_args([]).size == "full"
+    assert run.parse_args(["--quick", "--only", "attention"]).size == "quick"
+    assert run.parse_args(["--quick"]).families == list(run.FAMILIES)
+    with pytest.raises(SystemExit):
+        run.parse_args(["--only", "no-such-family"])
+
+
+def _fake_family():
+    """A family whose providers fail in every way a real one can: runs, OOMs from x=2 on, cannot
+    be built, does not support x=4."""
+
+    def build(provider, params, ctx):
+        if provider == "broken":
+            raise NotImplementedError("no kernel here")
+
+        def forward(s):
+            if provider == "oom" and params["x"] >= 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+            if provider == "picky" and params["x"] == 4:
+                raise ValueError("x=4 is not supported")
+            return s["t"] * 2
+
+        return common.Workload(make_inputs=lambda: {"t": torch.randn(8, requires_grad=True)}, forward=forward)
+
+    cases = [common.Case(series="s", x=x, params={"x": x}, work={"fwd": 1e6, "fwd_bwd": 3e6}) for x in (1, 2, 4)]
+    module = type("FakeFamily", (), {"FAMILY": "fake", "MODES": ("fwd", "fwd_bwd"), "METRIC": "gbps",
+                                     "X_LABEL": "size x", "build": staticmethod(build)})
+    return module, cases
+
+
+def test_failures_are_recorded_with_their_reasons_never_dropped():
+    module, cases = _fake_family()
+    ctx = common.default_context("cpu", "tiny")
+    providers = ["ok", "oom", "broken", "picky"]
+    records = run.FamilyTimer(module, ctx, 60, run.Progress(0, enabled=False)).run(cases, providers)
+    assert len(records) == len(cases) * len(providers) * 2  # every (case, provider, mode) is there
+    status = {(r["provider"], r["x"], r["mode"]): (r["status"], r["reason"]) for r in records}
+    assert all(status[("ok", x, m)][0] == "ok" for x in (1, 2, 4) for m in ("fwd", "fwd_bwd"))
+    assert status[("oom", 1, "fwd")][0] == "ok"
+    assert status[("oom", 2, "fwd")] == ("oom", "OutOfMemoryError: CUDA out of memory. Tried to allocate 1 GiB")
+    assert status[("oom", 4, "fwd")] == ("skipped", "skipped: out of memory at size x 2")  # larger sizes skipped
+    assert status[("broken", 4, "fwd_bwd")] == ("unsupported", "NotImplementedError: no kernel here")
+    assert status[("picky", 4, "fwd")] == ("unsupported", "ValueError: x=4 is not supported")
+    summary = run.provider_summary({p: None for p in providers} | {"absent": "not installed"}, records)
+    assert summary["broken"] == {"status": "missing", "reason": "NotImplementedError: no kernel here"}
+    assert summary["absent"] == {"status": "missing", "reason": "not installed"}
+    assert summary["picky"]["status"] == summary["oom"]["status"] == "ok"
+
+
 # ------------------------------------------------------------------------------------------------
 # the report generator, on fixtures
 # ------------------------------------------------------------------------------------------------
