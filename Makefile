@@ -38,7 +38,7 @@ check-cuda:
 	done
 
 bench: build
-	$(PYTHON) -m benchmarks.run
+	$(PYTHON) -m benchmarks.run $(BENCH_ARGS)
 
 gpu-report: build
 	$(PYTHON) -m pytest tests -m gpu -q 2>&1 | tee benchmarks/results/gpu-tests.log
