@@ -12,6 +12,10 @@ os.environ.pop("FASTATTN_BACKEND", None)
 
 import pytest  # noqa: E402
 
+# Tiny tensors gain nothing from intra-op threads, and with one pytest worker per core extra threads
+# only oversubscribe the machine (seen: a 0.6 s test taking 10 s under load).
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
