@@ -48,9 +48,10 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _load_sum(x_ptr, r_ptr, s_ptr, rows, cols, ok, sxm, sxn, srm, srn, N, HAS_RES: tl.constexpr, STORE: tl.constexpr):
     """s = x + residual as float32, rounded through x's dtype as torch's add; stored if STORE."""
     rows64 = rows.to(tl.int64)[:, None]
-    s = tl.load(x_ptr + rows64 * sxm + cols[None, :] * sxn, mask=ok, other=0.0).to(tl.float32)
+    col_idx = cols[None, :]  # int32: the host makes sure (N - 1)·column stride fits
+    s = tl.load(x_ptr + rows64 * sxm + col_idx * sxn, mask=ok, other=0.0).to(tl.float32)
     if HAS_RES:
-        r = tl.load(r_ptr + rows64 * srm + cols[None, :] * srn, mask=ok, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + rows64 * srm + col_idx * srn, mask=ok, other=0.0).to(tl.float32)
         s_low = (s + r).to(s_ptr.dtype.element_ty)
         if STORE:
             tl.store(s_ptr + rows64 * N + cols[None, :], s_low, mask=ok)
@@ -146,8 +147,9 @@ def _bwd_load(s_ptr, dy_ptr, w_ptr, mean_ptr, rstd_ptr, rows, row_ok, cols, col_
     """x̂, dy and g = dy·weight in float32 (0 outside the tile), and the rows' rstd."""
     ok = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)[:, None]
-    s = tl.load(s_ptr + rows64 * ssm + cols[None, :] * ssn, mask=ok, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + rows64 * sgm + cols[None, :] * sgn, mask=ok, other=0.0).to(tl.float32)
+    col_idx = cols[None, :]
+    s = tl.load(s_ptr + rows64 * ssm + col_idx * ssn, mask=ok, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + rows64 * sgm + col_idx * sgn, mask=ok, other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
     if IS_RMS:
         x_hat = s * rstd[:, None]
@@ -170,8 +172,9 @@ def _write_input_grad(x_hat, g, rstd, dot_mean, g_mean, ds_ptr, dsum_ptr, rows, 
         ds = ds - g_mean[:, None]
     ds = ds * rstd[:, None]
     rows64 = rows.to(tl.int64)[:, None]
+    col_idx = cols[None, :]
     if HAS_DSUM:
-        ds += tl.load(dsum_ptr + rows64 * sdm + cols[None, :] * sdn, mask=ok, other=0.0).to(tl.float32)
+        ds += tl.load(dsum_ptr + rows64 * sdm + col_idx * sdn, mask=ok, other=0.0).to(tl.float32)
     tl.store(ds_ptr + rows64 * N + cols[None, :], ds.to(ds_ptr.dtype.element_ty), mask=ok)
 
 
@@ -306,9 +309,18 @@ def _dense(param: torch.Tensor | None) -> torch.Tensor | None:
     return param if param is None or param.stride(0) == 1 else param.contiguous()
 
 
+def _narrow_cols(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t, or a contiguous copy when its column offsets would not fit the kernels' 32-bit ones
+    (a transposed tensor of more than 2**31 elements)."""
+    if t is None or (t.size(1) - 1) * t.stride(1) < 2**31:
+        return t
+    return t.contiguous()
+
+
 def _forward(x, weight, bias, eps, residual, is_rms):
     m, n = x.shape
     weight, bias = _dense(weight), _dense(bias)  # the kernels index parameters with unit stride
+    x, residual = _narrow_cols(x), _narrow_cols(residual)
     y = empty(m, n, dtype=x.dtype, device=x.device)
     s = empty(m, n, dtype=x.dtype, device=x.device) if residual is not None else x.new_empty(0)
     mean = empty(m, dtype=torch.float32, device=x.device) if not is_rms else x.new_empty(0, dtype=torch.float32)
@@ -333,6 +345,7 @@ def _forward(x, weight, bias, eps, residual, is_rms):
 def _backward(dy, dsum, s, weight, mean, rstd, want_dw, want_db, is_rms):
     m, n = s.shape
     weight = _dense(weight)
+    dy, dsum, s = _narrow_cols(dy), _narrow_cols(dsum), _narrow_cols(s)
     ds = empty(m, n, dtype=s.dtype, device=s.device)
     w_dtype = weight.dtype if weight is not None else s.dtype
     dweight = empty(n, dtype=w_dtype, device=s.device) if want_dw else s.new_empty(0)
