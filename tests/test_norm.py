@@ -25,7 +25,10 @@ OPS = ["layer_norm", "rms_norm"]
 
 
 def _require_kernel(backend: str, op: str) -> None:
-    """Skip (with the reason) a backend that is up but has no kernel for this op yet."""
+    """Skip (with the reason) a backend that cannot run on this device or has no kernel for this op yet."""
+    reason = dispatch.backend_unavailable_reason(backend, DEVICE)
+    if reason is not None:
+        pytest.skip(f"{backend}: {reason}")
     x = torch.randn(2, 3, device=DEVICE)
     args = (x, None, None, 1e-5, None) if op == "layer_norm" else (x, None, 1e-5, None)
     with fastattn.use_backend(backend):
@@ -351,8 +354,10 @@ def _gpu_ms(fn, reps=20):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("shape", [(16384, 4096), (4096, 16384), (256, 65536)])
 def test_gpu_bandwidth_sanity(op, shape):
-    """Forward with residual moves four tensors' bytes (x, r in; y, s out), the backward four
-    (dy, s in; dx out; plus the sum's gradient in): both must reach a fair share of a copy's."""
+    """The kernels must move their bytes at a fair share of a plain copy's bandwidth on this GPU.
+    Bytes counted as the kernels move them: forward with residual x, r in and y, s out (streamed
+    rows read x and r twice); backward dy, s, and the sum's gradient in, ds out (streamed rows read
+    dy and s twice)."""
     from fastattn.triton import norm as triton_norm
 
     m, n = shape
@@ -367,7 +372,10 @@ def test_gpu_bandwidth_sanity(op, shape):
     bwd = _gpu_ms(lambda: triton_norm._norm_bwd(dy, dy, outs[1], w, mean, rstd, True, b is not None,
                                                  op == "rms_norm"))
     copy = _gpu_ms(lambda: x.clone())
-    gbps = lambda ms, tensors: tensors * x.numel() * x.element_size() / ms / 1e6  # noqa: E731
-    print(f"{op} {shape}: fwd {gbps(fwd, 4):.0f} GB/s, bwd {gbps(bwd, 4):.0f} GB/s, copy {gbps(copy, 2):.0f} GB/s")
-    assert gbps(fwd, 4) > 0.5 * gbps(copy, 2)
-    assert gbps(bwd, 4) > 0.4 * gbps(copy, 2)
+    gbps = lambda ms, passes: passes * x.numel() * x.element_size() / ms / 1e6  # noqa: E731
+    fwd_gbps = gbps(fwd, 6 if n > triton_norm.MAX_FUSED_N else 4)
+    bwd_gbps = gbps(bwd, 6 if n > triton_norm.MAX_FUSED_N_BWD else 4)
+    copy_gbps = gbps(copy, 2)
+    print(f"{op} {shape}: fwd {fwd_gbps:.0f} GB/s, bwd {bwd_gbps:.0f} GB/s, copy {copy_gbps:.0f} GB/s")
+    assert fwd_gbps > 0.5 * copy_gbps
+    assert bwd_gbps > 0.5 * copy_gbps
