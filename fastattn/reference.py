@@ -97,8 +97,8 @@ def softmax(x, dim=-1, scale=None, mask=None, is_causal=False, log=False):
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
     if not log:
         return masked_softmax(s, dim)
-    out = torch.log_softmax(s, dim=dim)
     fully_masked = (s == float("-inf")).all(dim=dim, keepdim=True)
+    out = torch.log_softmax(s.masked_fill(fully_masked, 0.0), dim=dim)  # no NaN into the backward
     return out.masked_fill(fully_masked, float("-inf"))
 
 
