@@ -624,6 +624,13 @@ def collect_stamp(device: str) -> dict:
     }
 
 
+def cpu_is_busy(ctx: Context) -> bool:
+    """Other processes keep more runnable threads than there are cores (CPU runs only)."""
+    if ctx.gpu or not hasattr(os, "getloadavg"):
+        return False
+    return os.getloadavg()[0] > (os.cpu_count() or 1)
+
+
 def busy_warning(stamp: dict) -> str | None:
     """A warning when other processes kept the CPUs busy at the start of a CPU run (the timings
     of a multi-threaded op then include waits for descheduled threads)."""

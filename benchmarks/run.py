@@ -34,6 +34,7 @@ from benchmarks.common import (
     busy_warning,
     classify_error,
     collect_stamp,
+    cpu_is_busy,
     cpu_peak_memory,
     default_context,
     measure,
@@ -53,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.set_defaults(size="full")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is present")
     parser.add_argument("--dtype", help="default: bfloat16 on a GPU, float32 on the CPU")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: all; 1 for --size tiny)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (default: all cores; 1 for --size tiny or when the CPU is busy)")
     parser.add_argument("--providers", help="comma-separated providers to run (default: all that can)")
     parser.add_argument("--out", type=Path, help="output directory (default: benchmarks/results/<device>)")
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every family's time budget")
@@ -292,6 +294,10 @@ def list_providers(ctx: Context, args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     ctx = default_context(args.device, args.size, args.dtype, args.threads)
+    if ctx.threads is None and cpu_is_busy(ctx):
+        # OpenMP's barriers wait for threads the OS has descheduled: on a CPU shared with other
+        # work, multi-threaded timings swing by 100x; one thread keeps them meaningful.
+        ctx.threads = 1
     ctx.apply()
     if args.list:
         list_providers(ctx, args)
@@ -301,7 +307,8 @@ def main(argv=None) -> int:
     print(f"benchmarking on {stamp['device_name']} ({ctx.device}, {ctx.dtype}, {ctx.size} sizes) -> {out_dir}",
           file=sys.stderr, flush=True)
     if busy_warning(stamp):
-        print(f"warning: {busy_warning(stamp)}", file=sys.stderr, flush=True)
+        print(f"warning: {busy_warning(stamp)}; running on {torch.get_num_threads()} thread(s)",
+              file=sys.stderr, flush=True)
     progress = Progress(_planned_measurements(ctx, args), enabled=not args.no_progress)
     settle_garbage()
     written = []
