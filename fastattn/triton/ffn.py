@@ -1,0 +1,548 @@
+"""The feed-forward block act(x·w1ᵀ + b1)·w2ᵀ + b2 in Triton, forward and backward.
+
+Forward: one Triton kernel computes the first GEMM tile by tile and applies, in its epilogue, the
+bias, the activation, the gate product of swiglu/geglu (the gate and up tiles are accumulated in
+the same program from the same x tile) and dropout (counter-based Philox keyed by the element
+index, as tl.rand, see ``_keep``; regenerated in the backward and by ``dropout_mask``). The
+pre-activation h = x·w1ᵀ + b1 therefore never leaves registers; only the activation
+``a`` (M, hidden) is written, and the second GEMM ``a·w2ᵀ + b2`` runs in cuBLAS (``torch.addmm``).
+Why cuBLAS for the second GEMM: after it there is nothing element-wise left to fuse (dropout sits
+before it, the residual belongs to the caller), so a Triton GEMM could only match cuBLAS, whose
+bias epilogue (cublasLt) already folds b2 in.
+
+What the backward keeps: only x (plus the weights, which are parameters, not activations), and
+the seed. ``a`` and h are recomputed: the backward kernel accumulates, per (rows, hidden cols)
+tile, both h = x·w1ᵀ (the K loop) and da = dout·w2 (the N loop), and its epilogue turns them into
+dh = da·mask·act'(h) (and the gate/up split) and the recomputed activation ``a`` that dw2 needs;
+neither da nor h makes a round trip through memory. The price is the first GEMM run once more
+(+1/6 of the block's FLOPs, +2/9 for the gated ones); the saving, per token, in bytes of the
+input dtype s (d_model K, hidden H, torch's Linear → act → dropout → Linear as the baseline):
+
+    activation      fastattn saves   torch saves                       (K=1024, H=4096, fp16)
+    relu/gelu/...   K·s              (K + 2H)·s + H (bool dropout mask)  2 KiB vs 18 KiB (+4 KiB)
+    swiglu/geglu    K·s              (K + 4H)·s + H (h, act(gate), a)    2 KiB vs 34 KiB (+4 KiB)
+
+x is also what the next-lower layer (a norm, a residual add) usually keeps anyway, so the block's
+own activation memory is close to zero. tests/test_ffn.py counts these bytes with saved-tensor
+hooks on the CPU and measures the peak CUDA memory against torch's block on a GPU.
+The backward's transients are ``a`` (M, H) and dh (M, H1), released when it returns.
+
+Gated layout: w1 (2·hidden, K), the gate's rows first; out = act(gate)·up (swiglu: silu gate,
+geglu: exact-gelu gate), as reference.activate.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from fastattn.dispatch import Op
+from fastattn.reference import ACTIVATIONS, GATED_ACTIVATIONS
+from fastattn.utils import empty
+
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# the activation applied to the gate of a gated activation (or to h itself otherwise)
+_BASE_ACTIVATION = {"swiglu": "silu", "geglu": "gelu"}
+
+
+# --------------------------------------------------------------------------------------------
+# autotuning: configs for A100/H100, pruned to what fits the device; a single one when interpreting
+# --------------------------------------------------------------------------------------------
+
+
+def _shared_memory_limit() -> int:
+    """Bytes of shared memory one program may use on the current GPU (A100 ~163 KiB, H100 ~227 KiB)."""
+    if _INTERPRETING or not torch.cuda.is_available():
+        return 0
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+
+
+_SHARED_MEMORY = _shared_memory_limit()
+
+
+def _configs(candidates) -> list[triton.Config]:
+    """triton.Configs from (BLOCK_M, BLOCK_H, BLOCK_K, warps, stages) tuples."""
+    if _INTERPRETING or not torch.cuda.is_available():
+        # one config, small enough that tests with odd shapes cover several tiles and masked edges
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_H": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_H": bh, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+        for bm, bh, bk, warps, stages in candidates
+    ]
+
+
+# 128x128 tiles with 8 warps are the A100/H100 sweet spot for 16-bit GEMMs; 64-wide ones cover
+# small M and the gated kernels' extra accumulators; BLOCK_K=32 ones are for float32 (half the
+# shared memory per stage, and FMA dots that need more registers). Checked by compiling for sm_80
+# and sm_90 with Triton 3.6 and 3.9 (ptxas register/spill report): 128x128 with 4 warps and
+# 128x256 spill registers, hence absent. _prune drops what does not fit the call.
+_FWD_TILES = (  # (BLOCK_M, BLOCK_H, BLOCK_K, num_warps, num_stages)
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 8, 3),
+    (64, 128, 64, 8, 3),
+    (64, 64, 64, 4, 4),
+    (128, 64, 32, 4, 3),
+    (64, 64, 32, 4, 3),
+    (64, 64, 32, 8, 3),
+)
+_BWD_TILES = (
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 3),
+    (64, 128, 64, 4, 3),
+    (128, 64, 64, 8, 3),
+    (64, 128, 64, 8, 3),
+    (64, 64, 64, 4, 4),
+    (128, 64, 32, 4, 3),
+    (64, 64, 32, 4, 3),
+)
+_FWD_CONFIGS, _BWD_CONFIGS = _configs(_FWD_TILES), _configs(_BWD_TILES)
+
+_M_BUCKETS = (64, 256, 1024, 4096, 16384)
+
+
+def _m_bucket(rows) -> int:
+    """Autotuning key for the row count, so that a new batch size does not re-tune every time.
+    Comparisons only: under torch.compile with dynamic shapes ``rows`` is a SymInt."""
+    return next((bucket for bucket in _M_BUCKETS if rows <= bucket), 65536)
+
+
+def _prune(configs, args, accumulators: int, shared_memory: int | None = None):
+    """Keep the configs that fit this call: pipeline buffers (x tile + gate and up w1 tiles per
+    stage; the backward's dout/w2 loop needs less and reuses them) within the device's shared
+    memory, at most 128 accumulator registers per thread (more spills), and tiles not mostly
+    padding for the problem's M and hidden."""
+    if len(configs) <= 1:
+        return configs
+    element_size = args["x_ptr"].element_size()
+    w_tiles = 2 if args["GATED"] else 1
+    kept = []
+    for c in configs:
+        bm, bh, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_H"], c.kwargs["BLOCK_K"]
+        smem = c.num_stages * (bm * bk + w_tiles * bh * bk) * element_size
+        registers = accumulators * bm * bh // (32 * c.num_warps)
+        fits = smem <= (shared_memory or _SHARED_MEMORY) and registers <= 128
+        if fits and bm // 2 < args["M_BUCKET"] and bh // 2 < args["H"]:
+            kept.append(c)
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_H"] * c.kwargs["BLOCK_K"])]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    return _prune(configs, args, accumulators=2 if args["GATED"] else 1)
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}  # h (gate and up when gated) and da
+    return _prune(configs, args, accumulators=3 if args["GATED"] else 2)
+
+
+# --------------------------------------------------------------------------------------------
+# device functions
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a·b; under the interpreter bf16 dots are wrong (Triton 3.8/3.9), so it upcasts there."""
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _sigmoid(h):
+    return 1.0 / (1.0 + tl.exp(-h))
+
+
+@triton.jit
+def _tanh(u):
+    # 1 - 2/(e^{2u} + 1): exact limits ±1 when e^{2u} over/underflows, no NaN
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def _activation(h, ACTIVATION: tl.constexpr):
+    """act(h) in float32 for relu, gelu (exact, erf), gelu_tanh and silu."""
+    if ACTIVATION == "relu":
+        out = tl.maximum(h, 0.0)
+    elif ACTIVATION == "gelu":
+        out = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":
+        out = 0.5 * h * (1.0 + _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
+    else:  # silu
+        out = h * _sigmoid(h)
+    return out
+
+
+@triton.jit
+def _activation_grad(h, ACTIVATION: tl.constexpr):
+    """d act / d h in float32."""
+    if ACTIVATION == "relu":
+        grad = tl.where(h > 0.0, 1.0, 0.0)
+    elif ACTIVATION == "gelu":
+        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
+        pdf = 0.3989422804014327 * tl.exp(-0.5 * h * h)
+        grad = cdf + h * pdf
+    elif ACTIVATION == "gelu_tanh":
+        t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
+        grad = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+    else:  # silu
+        s = _sigmoid(h)
+        grad = s * (1.0 + h * (1.0 - s))
+    return grad
+
+
+@triton.jit
+def _keep(seed, rows, first_col, hidden, dropout_p, INDEX_64: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The dropout keep-mask of the tile (rows, first_col + [0, BLOCK_H)) of the (M, hidden)
+    activation, so that forward, backward and ``dropout_mask`` agree. Counter-based: one Philox call
+    per 4 consecutive elements of a row, at counter row·ceil(hidden/4) + col//4, gives the 4 uniform
+    draws of that quad (a quarter of tl.rand's work, and of its registers in the epilogue)."""
+    quads = first_col // 4 + tl.arange(0, BLOCK_H // 4)
+    if INDEX_64:
+        index = rows.to(tl.int64)[:, None] * ((hidden + 3) // 4) + quads[None, :]
+    else:
+        index = rows[:, None] * ((hidden + 3) // 4) + quads[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, index)
+    draws = tl.join(tl.join(r0, r1), tl.join(r2, r3)).reshape(rows.shape[0], BLOCK_H)
+    return tl.uint_to_uniform_float(draws) >= dropout_p
+
+
+@triton.jit
+def _tile_ids(M, H, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_h) of this program, in groups of GROUP_M row blocks so that neighbouring programs
+    share w1 columns in L2."""
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_h = tl.cdiv(H, BLOCK_H)
+    in_group = GROUP_M * blocks_h
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_h = (pid % in_group) // group_size
+    return pid_m, pid_h
+
+
+@triton.jit
+def _gemm_tile(
+    a_ptr, b_ptr, rows, cols, depth, stride_am, stride_ak, stride_bn, stride_bk, b_col_offset,
+    acc_b, acc_c, TWO_B: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """acc_b += A[rows, :]·B[cols, :]ᵀ over ``depth`` (and acc_c += A·B[cols + b_col_offset, :]ᵀ when
+    TWO_B: the gated up half, reading each A tile once). ``rows``/``cols`` are already wrapped into
+    range (row % M), so only the depth needs a mask."""
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_ptr + cols.to(tl.int64)[None, :] * stride_bn + ks[:, None] * stride_bk
+    c_ptrs = b_ptrs + b_col_offset * stride_bn
+    for k0 in range(0, depth, BLOCK_K):
+        in_depth = ks < depth - k0
+        a_tile = tl.load(a_ptrs, mask=in_depth[None, :], other=0.0)
+        b_tile = tl.load(b_ptrs, mask=in_depth[:, None], other=0.0)
+        acc_b = _mma(a_tile, b_tile, acc_b, UPCAST_DOT, DOT_PRECISION)
+        if TWO_B:
+            c_tile = tl.load(c_ptrs, mask=in_depth[:, None], other=0.0)
+            acc_c = _mma(a_tile, c_tile, acc_c, UPCAST_DOT, DOT_PRECISION)
+            c_ptrs += BLOCK_K * stride_bk
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc_b, acc_c
+
+
+@triton.jit
+def _add_bias(acc, b_ptr, cols, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
+    return acc
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["M_BUCKET", "K", "H"], prune_configs_by={"early_config_prune": _prune_fwd})
+@triton.jit
+def _ffn_up_fwd_kernel(
+    x_ptr, w1_ptr, b1_ptr, a_ptr,
+    M, K, H, M_BUCKET, seed, dropout_p,
+    stride_xm, stride_xk, stride_w1h, stride_w1k, stride_am,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    INDEX_64: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """a[rows, cols] = dropout(act(x·w1ᵀ + b1)) (gated: act(gate)·up), h kept in registers."""
+    pid_m, pid_h = _tile_ids(M, H, BLOCK_M, BLOCK_H, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    rows_in, cols_in = rows % M, cols % H  # wrapped: loads need no row/col masks, stores are masked
+
+    gate = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    gate, up = _gemm_tile(
+        x_ptr, w1_ptr, rows_in, cols_in, K, stride_xm, stride_xk, stride_w1h, stride_w1k, H,
+        gate, up, GATED, UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_H, BLOCK_K,
+    )
+    act = _activation(_add_bias(gate, b1_ptr, cols_in, HAS_BIAS), ACTIVATION)
+    if GATED:
+        act = act * _add_bias(up, b1_ptr + H, cols_in, HAS_BIAS)
+    if HAS_DROPOUT:
+        keep = _keep(seed, rows, pid_h * BLOCK_H, H, dropout_p, INDEX_64, BLOCK_H)
+        act = tl.where(keep, act / (1.0 - dropout_p), 0.0)
+
+    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + cols[None, :]
+    tl.store(a_ptrs, act.to(a_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < H))
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["M_BUCKET", "K", "H", "N"], prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.jit
+def _ffn_up_bwd_kernel(
+    x_ptr, w1_ptr, b1_ptr, dout_ptr, w2_ptr, a_ptr, dh_ptr,
+    M, K, H, N, M_BUCKET, seed, dropout_p,
+    stride_xm, stride_xk, stride_w1h, stride_w1k, stride_dom, stride_don, stride_w2n, stride_w2h,
+    stride_am, stride_dhm,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    INDEX_64: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Recomputes h = x·w1ᵀ + b1 and da = dout·w2 for a (rows, cols) tile, then writes
+    dh = d(out)/d(h) (gated: gate columns, then up columns) and the activation a (for dw2)."""
+    pid_m, pid_h = _tile_ids(M, H, BLOCK_M, BLOCK_H, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    rows_in, cols_in = rows % M, cols % H
+
+    gate = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    gate, up = _gemm_tile(
+        x_ptr, w1_ptr, rows_in, cols_in, K, stride_xm, stride_xk, stride_w1h, stride_w1k, H,
+        gate, up, GATED, UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_H, BLOCK_K,
+    )
+    # da[m, j] = Σ_n dout[m, n]·w2[n, j]: w2's "rows" of this GEMM are its columns j
+    d_act = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    d_act, unused = _gemm_tile(
+        dout_ptr, w2_ptr, rows_in, cols_in, N, stride_dom, stride_don, stride_w2h, stride_w2n, 0,
+        d_act, d_act, False, UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_H, BLOCK_K,
+    )
+
+    gate = _add_bias(gate, b1_ptr, cols_in, HAS_BIAS)
+    act = _activation(gate, ACTIVATION)
+    if HAS_DROPOUT:  # out used act·keep/(1-p): the same factor scales the gradient
+        keep = _keep(seed, rows, pid_h * BLOCK_H, H, dropout_p, INDEX_64, BLOCK_H)
+        scale = tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
+        d_act = d_act * scale
+    d_gate = d_act * _activation_grad(gate, ACTIVATION)
+    if GATED:
+        up = _add_bias(up, b1_ptr + H, cols_in, HAS_BIAS)
+        d_up = d_act * act
+        d_gate = d_gate * up
+        act = act * up
+    if HAS_DROPOUT:
+        act = act * scale
+
+    in_tile = (rows[:, None] < M) & (cols[None, :] < H)
+    row_offsets = rows.to(tl.int64)[:, None]
+    tl.store(a_ptr + row_offsets * stride_am + cols[None, :], act.to(a_ptr.dtype.element_ty), mask=in_tile)
+    dh_ptrs = dh_ptr + row_offsets * stride_dhm + cols[None, :]
+    tl.store(dh_ptrs, d_gate.to(dh_ptr.dtype.element_ty), mask=in_tile)
+    if GATED:
+        tl.store(dh_ptrs + H, d_up.to(dh_ptr.dtype.element_ty), mask=in_tile)
+
+
+@triton.jit
+def _keep_mask_kernel(
+    mask_ptr, M, H, seed, dropout_p, INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    keep = _keep(seed, rows, tl.program_id(1) * BLOCK_H, H, dropout_p, INDEX_64, BLOCK_H)
+    ptrs = mask_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < M) & (cols[None, :] < H))
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _needs_64bit_counter(rows: int, hidden: int) -> bool:
+    return rows * ((hidden + 3) // 4) >= 2**31
+
+
+def _kernel_flags(x: torch.Tensor, activation: str, dropout_p: float, rows: int, hidden: int) -> dict:
+    return {
+        "ACTIVATION": _BASE_ACTIVATION.get(activation, activation),
+        "GATED": activation in GATED_ACTIVATIONS,
+        "HAS_DROPOUT": dropout_p > 0.0,
+        "INDEX_64": _needs_64bit_counter(rows, hidden),
+        "UPCAST_DOT": _INTERPRETING,
+        # float32 must match the oracle to ~1e-5: no TF32 (torch's matmul default is also full fp32)
+        "DOT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32",
+    }
+
+
+def _grid(rows: int, hidden: int):
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(hidden, meta["BLOCK_H"]),)
+
+
+def _define_op(name: str):
+    """A ``triton_op`` (torch.compile traces into it and sees the kernels); under the interpreter a
+    plain opaque ``custom_op`` with a fake registered below, because interpreted kernels can be
+    launched but not traced (torch would drop them from the graph)."""
+    if _INTERPRETING:
+        return torch.library.custom_op(name, mutates_args=())
+    return triton_op(name, mutates_args=())
+
+
+def _hidden(w1: torch.Tensor, activation: str) -> int:
+    return w1.size(0) // 2 if activation in GATED_ACTIVATIONS else w1.size(0)
+
+
+@_define_op("fastattn_triton::ffn_fwd")
+def ffn_fwd(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    activation: str,
+    dropout_p: float,
+    seed: int,
+) -> torch.Tensor:
+    """out (M, N) = dropout(act(x·w1ᵀ + b1))·w2ᵀ + b2 for x (M, K)."""
+    rows, depth = x.shape
+    hidden = _hidden(w1, activation)
+    a = empty(rows, hidden, dtype=x.dtype, device=x.device)
+    wrap_triton(_ffn_up_fwd_kernel)[_grid(rows, hidden)](
+        x, w1, b1 if b1 is not None else w1, a,
+        rows, depth, hidden, _m_bucket(rows), seed, dropout_p,
+        x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), a.stride(0),
+        HAS_BIAS=b1 is not None, **_kernel_flags(x, activation, dropout_p, rows, hidden),
+    )  # fmt: skip
+    if b2 is None:
+        return torch.mm(a, w2.t())
+    return torch.addmm(b2, a, w2.t())
+
+
+@_define_op("fastattn_triton::ffn_bwd")
+def ffn_bwd(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    activation: str,
+    dropout_p: float,
+    seed: int,
+    need_dx: bool,
+    need_dw1: bool,
+    need_dw2: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw1, db1, dw2, db2); those not needed (and db1 without b1) come back empty."""
+    rows, depth = x.shape
+    width = dout.size(1)
+    hidden = _hidden(w1, activation)
+    a = empty(rows, hidden, dtype=x.dtype, device=x.device)
+    dh = empty(rows, w1.size(0), dtype=x.dtype, device=x.device)
+    wrap_triton(_ffn_up_bwd_kernel)[_grid(rows, hidden)](
+        x, w1, b1 if b1 is not None else w1, dout, w2, a, dh,
+        rows, depth, hidden, width, _m_bucket(rows), seed, dropout_p,
+        x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), dout.stride(0), dout.stride(1),
+        w2.stride(0), w2.stride(1), a.stride(0), dh.stride(0),
+        HAS_BIAS=b1 is not None, **_kernel_flags(x, activation, dropout_p, rows, hidden),
+    )  # fmt: skip
+    nothing = x.new_empty(0)
+    dx = torch.mm(dh, w1) if need_dx else nothing
+    dw1 = torch.mm(dh.t(), x) if need_dw1 else nothing
+    db1 = dh.sum(0, dtype=torch.float32).to(x.dtype) if need_dw1 and b1 is not None else nothing
+    dw2 = torch.mm(dout.t(), a) if need_dw2 else nothing
+    db2 = dout.sum(0, dtype=torch.float32).to(x.dtype) if need_dw2 else nothing
+    return dx, dw1, db1, dw2, db2
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, activation, dropout_p, seed = inputs
+    ctx.save_for_backward(x, w1, b1, w2)  # x only as activation memory: a and h are recomputed
+    ctx.activation, ctx.dropout_p, ctx.seed = activation, dropout_p, seed
+    ctx.has_b2 = b2 is not None
+
+
+def _backward(ctx, dout):
+    x, w1, b1, w2 = ctx.saved_tensors
+    need = ctx.needs_input_grad  # x, w1, b1, w2, b2, ...
+    dx, dw1, db1, dw2, db2 = ffn_bwd(
+        dout, x, w1, b1, w2, ctx.activation, ctx.dropout_p, ctx.seed,
+        need[0], need[1] or need[2], need[3] or need[4],
+    )  # fmt: skip
+    return (
+        dx if need[0] else None,
+        dw1 if need[1] else None,
+        db1 if need[2] else None,
+        dw2 if need[3] else None,
+        db2 if need[4] and ctx.has_b2 else None,
+        None,
+        None,
+        None,
+    )
+
+
+ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+if _INTERPRETING:
+
+    @ffn_fwd.register_fake
+    def _ffn_fwd_fake(x, w1, b1, w2, b2, activation, dropout_p, seed):
+        return x.new_empty(x.size(0), w2.size(0))
+
+    @ffn_bwd.register_fake
+    def _ffn_bwd_fake(dout, x, w1, b1, w2, activation, dropout_p, seed, need_dx, need_dw1, need_dw2):
+        def like(t, needed):
+            return x.new_empty(t.shape) if needed else x.new_empty(0)
+
+        db1 = like(b1, need_dw1) if b1 is not None else x.new_empty(0)
+        db2 = x.new_empty(dout.size(1)) if need_dw2 else x.new_empty(0)
+        return like(x, need_dx), like(w1, need_dw1), db1, like(w2, need_dw2), db2
+
+
+# --------------------------------------------------------------------------------------------
+# public entry points
+# --------------------------------------------------------------------------------------------
+
+
+def dropout_mask(seed: int, rows: int, hidden: int, dropout_p: float, device) -> torch.Tensor:
+    """The exact keep-mask (bool (rows, hidden), True = kept) that ``feed_forward`` applies to its
+    (rows, hidden) activation for this seed and dropout_p, so tests can replay it through
+    ``reference.feed_forward(..., dropout_mask=...)``."""
+    out = torch.empty(rows, hidden, dtype=torch.int8, device=device)
+    if out.numel():
+        grid = (triton.cdiv(rows, 32), triton.cdiv(hidden, 32))
+        _keep_mask_kernel[grid](out, rows, hidden, seed, dropout_p, _needs_64bit_counter(rows, hidden), 32, 32)
+    return out.bool()
+
+
+def feed_forward(x, w1, b1, w2, b2, activation, dropout_p, seed):
+    """Canonical op (see fastattn/functional.py): x (M, K) -> (M, w2 rows)."""
+    return ffn_fwd(x, w1, b1, w2, b2, activation, float(dropout_p), int(seed))
+
+
+def supports(x, w1, b1, w2, b2, activation, dropout_p, seed) -> str | None:
+    if x.dtype not in _SUPPORTED_DTYPES:
+        return f"the Triton FFN runs in float16, bfloat16 or float32, not {x.dtype}"
+    if activation not in ACTIVATIONS:
+        return f"unknown activation {activation!r}"
+    if x.device.type != "cuda" and not (_INTERPRETING and x.device.type == "cpu"):
+        return f"triton runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1), not {x.device.type}"
+    return None
+
+
+OPS = {"feed_forward": Op(feed_forward, supports)}
