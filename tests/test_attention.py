@@ -471,22 +471,34 @@ def test_triton_lse_is_the_natural_log_sum_exp():
 
 
 def _compiled_check(backend, compile_backend, dtype=torch.float32):
+    """The compiled function (forward and backward) against the float64 oracle with the rule."""
     q, k, v = _qkv(2, 4, 2, 33, 40, 32, dtype=dtype)
     mask = torch.rand(2, 1, 1, 40, device=DEVICE) > 0.2
 
-    def fn(q, k, v, mask):
-        return fastattn.scaled_dot_product_attention(q, k, v, mask, is_causal=True, enable_gqa=True).sum(-1)
+    def fn(sdpa, q, k, v, mask):
+        return sdpa(q, k, v, mask, is_causal=True, enable_gqa=True)
 
-    want = _forced(backend, lambda: fn(q, k, v, mask))  # eager first: skips a backend that cannot serve
-    want_grads = torch.autograd.grad(want.sum(), (q, k, v))
-    compiled = torch.compile(fn, fullgraph=True, backend=compile_backend)
+    _forced(backend, lambda: fn(fastattn.scaled_dot_product_attention, q, k, v, mask))  # skips if unserved
+    compiled = torch.compile(
+        lambda q, k, v, mask: fn(fastattn.scaled_dot_product_attention, q, k, v, mask),
+        fullgraph=True,
+        backend=compile_backend,
+    )
     with fastattn.use_backend(backend):
         got = compiled(q, k, v, mask)
-    got_grads = torch.autograd.grad(got.sum(), (q, k, v))
-    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
-    torch.testing.assert_close(got, want, **tol)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, **tol)
+    naive_leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    naive = fn(reference.attention, *naive_leaves, mask)
+    oracle_leaves = [_as_oracle(t) for t in (q, k, v)]
+    oracle = fn(reference.attention, *oracle_leaves, _as_oracle(mask))
+    assert_rule(got, naive, oracle, k=2.0)
+    dout = torch.randn_like(got)
+    for name, g, gn, go in zip(
+        "qkv",
+        torch.autograd.grad(got, (q, k, v), dout),
+        torch.autograd.grad(naive, naive_leaves, dout),
+        torch.autograd.grad(oracle, oracle_leaves, _as_oracle(dout)),
+    ):
+        assert_rule(g, gn, go, k=3.0, name=f"d{name}")
 
 
 @pytest.mark.parametrize("backend", backend_params("reference", "cpu"))

@@ -15,10 +15,11 @@ Conventions and details:
 - Scores are handled in base 2: log2(e) is folded into the scale, exp2 replaces exp.
 - Fully masked rows (every key masked, by attn_mask and/or is_causal): output 0, and lse = +inf, so
   the backward's exp2(s - lse) is exactly 0 there and the row gets zero gradients, never NaN.
-- Causal is top-left aligned (query i sees keys j <= i), as torch's is_causal. Key blocks wholly
-  above the diagonal are never visited (about half the work); blocks wholly below it run without
-  mask arithmetic; only the blocks that straddle the diagonal (or the ragged end of the keys)
-  apply the element masks.
+- Causal is top-left aligned (query i sees keys j <= i), as torch's is_causal. Blocks wholly
+  above the diagonal are never visited (about half the work). In the forward and dQ kernels the
+  blocks wholly below it run without mask arithmetic and only those that straddle the diagonal
+  (or the ragged end of the keys) apply the element masks; the dK/dV kernel applies the causal
+  compare to every block it visits (one loop: see the kernel).
 - GQA/MQA: query head h reads K/V head h // (Hq // Hkv) in place. The dK/dV program of a K/V
   head loops over the query heads of its group, so the group's sum is accumulated in registers:
   no per-query-head copies of K, V, dK or dV.
@@ -422,7 +423,7 @@ def _dkdv_query_blocks(
     BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr,
     DROPOUT: tl.constexpr,
-    CAUSAL_BLOCK: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -441,7 +442,7 @@ def _dkdv_query_blocks(
         s_t = _dot(k, q_t, UPCAST_DOT, DOT_PRECISION) * qk_scale2
         s_t = _mask_scores(
             s_t, q_idx, k_idx, start_m, start_n, mask_base, stride_mm, stride_mn, n_q, n_k, q_local, k_local,
-            MASK_KIND, False, CAUSAL_BLOCK, True,
+            MASK_KIND, False, IS_CAUSAL, True,
         )
         rows_ok = start_m + q_local_1d < n_q
         lse2 = tl.load(lse_base + start_m + q_local_1d, mask=rows_ok, other=float("inf")) * 1.4426950408889634
@@ -523,14 +524,13 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
+    # Causal: only rows i >= start_n see this key block, so the query blocks above it are skipped.
+    # Unlike the forward and dQ kernels, the causal compare runs on every block visited: a second
+    # loop copy for the diagonal blocks made ptxas spill here (dK, dV, K and V are all resident).
     if IS_CAUSAL:
-        # rows i >= start_n see this block; from full_start on, every row sees all of its keys
-        masked_start = (start_n // BLOCK_M) * BLOCK_M
-        full_start = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, n_q)
-        masked_start = tl.minimum(masked_start, full_start)
+        first_row = (start_n // BLOCK_M) * BLOCK_M
     else:
-        masked_start = 0
-        full_start = 0
+        first_row = 0
 
     # the query heads of this K/V head's group: their contributions sum in dk/dv (GQA/MQA)
     for g in range(group_size):
@@ -541,17 +541,10 @@ def _attn_bwd_dkdv_kernel(
         mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
         lse_base = Lse + bh.to(tl.int64) * n_q
         delta_base = Delta + bh.to(tl.int64) * n_q
-        if IS_CAUSAL:
-            dk, dv = _dkdv_query_blocks(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_n, masked_start, full_start,
-                bh, seed, dropout_p, qk_scale2, n_q, n_k, stride_qm, stride_dom, stride_mm, stride_mn,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, True,
-                UPCAST_DOT, DOT_PRECISION,
-            )
         dk, dv = _dkdv_query_blocks(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_n, full_start, n_q,
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, start_n, first_row, n_q,
             bh, seed, dropout_p, qk_scale2, n_q, n_k, stride_qm, stride_dom, stride_mm, stride_mn,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, False,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT, IS_CAUSAL,
             UPCAST_DOT, DOT_PRECISION,
         )
 
@@ -782,11 +775,10 @@ def _candidates(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_by
         if is_causal:  # a block straddling the diagonal wastes ~half its area: no 128x128 tiles
             blocks = [(m, n) for m, n in blocks if m * n < 128 * 128]
     elif kind == "dkdv":  # (BLOCK_M, BLOCK_N): keys resident, queries streamed
-        blocks = [(32, 128), (32, 64), (64, 64)]
+        # 64-row query tiles spill (dK, dV, K and V all stay resident)
+        blocks = [(32, 128), (32, 64), (16, 128)]
         if wide:
             blocks = [(32, 32), (16, 32)]
-        if is_causal:  # the extra diagonal-block loop: 64-row query tiles spill
-            blocks = [(m, n) for m, n in blocks if m <= 32]
     else:  # dq: queries resident, keys streamed
         blocks = [(128, 64), (128, 32), (64, 64), (64, 32)]
         if wide:
@@ -802,8 +794,11 @@ def _candidates(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_by
         else:  # Q/dO resident, K/V streamed, dQ accumulated
             resident, streamed, acc = block_m * qk_v, block_n * qk_v, block_m * block_d
         warps = 8 if wide else _warps(max(acc, block_m * block_n))
+        # layout conversions of the fp32 score tile take scratch on top of the pipelined buffers
+        # (checked against the compiled kernels' shared memory, Triton 3.6/3.9, sm_80/sm_90)
+        scratch = block_m * block_n * (8 if elem_bytes == 4 else 4) + 1024
         for stages in _stages(max(block_d, block_dv)):
-            if limit and (resident + stages * streamed) * elem_bytes > limit:
+            if limit and (resident + stages * streamed) * elem_bytes + scratch > limit:
                 continue
             out.append((block_m, block_n, warps, stages))
     return out
@@ -811,7 +806,7 @@ def _candidates(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_by
 
 # The configuration used without autotuning (FASTATTN_AUTOTUNE=0): (BLOCK_M, BLOCK_N) for heads up
 # to 128 wide and above, at 2 stages.
-_DEFAULT_BLOCKS = {"fwd": ((128, 64), (64, 64)), "dkdv": ((32, 128), (32, 32)), "dq": ((128, 32), (64, 32))}
+_DEFAULT_BLOCKS = {"fwd": ((128, 64), (64, 64)), "dkdv": ((32, 64), (32, 32)), "dq": ((128, 32), (64, 32))}
 
 
 @functools.cache
@@ -858,13 +853,15 @@ def _mask_args(mask: torch.Tensor | None, like: torch.Tensor):
     return (1 if mask.dtype == torch.bool else 2), mask, tuple(mask.stride())
 
 
-def _common_meta(q, k, v, mask, is_causal, dropout_p):
-    mask_kind = 0 if mask is None else (1 if mask.dtype == torch.bool else 2)
+def _meta(q, v, mask_kind, is_causal, dropout_p):
+    """The kernels' compile-time arguments. Head dims become Python ints: under torch.compile with
+    dynamic shapes they are specialised (they are constexprs of the kernels anyway)."""
+    head_dim, head_dim_v = int(q.size(-1)), int(v.size(-1))
     return {
-        "HEAD_DIM": q.size(-1),
-        "HEAD_DIM_V": v.size(-1),
-        "BLOCK_D": _block_dim(q.size(-1)),
-        "BLOCK_DV": _block_dim(v.size(-1)),
+        "HEAD_DIM": head_dim,
+        "HEAD_DIM_V": head_dim_v,
+        "BLOCK_D": _block_dim(head_dim),
+        "BLOCK_DV": _block_dim(head_dim_v),
         "IS_CAUSAL": bool(is_causal),
         "MASK_KIND": mask_kind,
         "DROPOUT": dropout_p > 0.0,
@@ -873,8 +870,8 @@ def _common_meta(q, k, v, mask, is_causal, dropout_p):
     }
 
 
-def _tuned_for(kind, q, v, is_causal):
-    return _tuned(kind, _block_dim(q.size(-1)), _block_dim(v.size(-1)), bool(is_causal), q.element_size())
+def _tuned_for(kind, meta, q):
+    return _tuned(kind, meta["BLOCK_D"], meta["BLOCK_DV"], meta["IS_CAUSAL"], q.element_size())
 
 
 @triton_op("fastattn_triton::attention_fwd", mutates_args=())
@@ -899,12 +896,12 @@ def attention_fwd(
         return out.zero_(), lse.fill_(float("inf"))
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
-    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * batch * heads_q,)  # noqa: E731
-    wrap_triton(_tuned_for("fwd", q, v, is_causal))[grid](
+    meta = _meta(q, v, mask_kind, is_causal, dropout_p)
+    grid = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]) * batch * heads_q,)  # noqa: E731
+    wrap_triton(_tuned_for("fwd", meta, q))[grid](
         q, k, v, mask_arg, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
-        heads_q, heads_q // heads_kv, n_q, n_k, scale * LOG2E, dropout_p, seed,
-        **_common_meta(q, k, v, mask, is_causal, dropout_p),
+        heads_q, heads_q // heads_kv, n_q, n_k, scale * LOG2E, dropout_p, seed, **meta,
     )
     return out, lse
 
@@ -926,8 +923,8 @@ def attention_bwd(
     need_dkdv: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) laid out contiguous; a gradient not asked for is an empty (0,) tensor."""
-    batch, heads_q, n_q, head_dim = q.shape
-    heads_kv, n_k, head_dim_v = k.size(1), k.size(2), v.size(-1)
+    batch, heads_q, n_q, _ = q.shape
+    heads_kv, n_k = k.size(1), k.size(2)
     nothing = q.new_empty(0)
     dq = empty(*q.shape, dtype=q.dtype, device=q.device) if need_dq else nothing
     dk = empty(*k.shape, dtype=k.dtype, device=k.device) if need_dkdv else q.new_empty(0)
@@ -937,25 +934,25 @@ def attention_bwd(
         return dq.zero_(), dk.zero_(), dv.zero_()
     dout, q, k, v = (_unit_last_stride(t) for t in (dout, q, k, v))
     mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
-    meta = _common_meta(q, k, v, mask, is_causal, dropout_p)
+    meta = _meta(q, v, mask_kind, is_causal, dropout_p)
     group_size = heads_q // heads_kv
 
     delta = empty(batch, heads_q, n_q, dtype=torch.float32, device=q.device)
     delta_block = 64 if _INTERPRETING else 128
     wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(n_q, delta_block) * batch * heads_q,)](
         out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads_q, n_q,
-        HEAD_DIM_V=head_dim_v, BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=delta_block,
+        HEAD_DIM_V=meta["HEAD_DIM_V"], BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=delta_block,
     )
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *dout.stride()[:3])
     if need_dkdv:
         grid = lambda m: (triton.cdiv(n_k, m["BLOCK_N"]) * batch * heads_kv,)  # noqa: E731
-        wrap_triton(_tuned_for("dkdv", q, v, is_causal))[grid](
+        wrap_triton(_tuned_for("dkdv", meta, q))[grid](
             q, k, v, mask_arg, dout, lse, delta, dk, dv, *strides,
             heads_q, heads_kv, group_size, n_q, n_k, scale, scale * LOG2E, dropout_p, seed, **meta,
         )
     if need_dq:
         grid = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]) * batch * heads_q,)  # noqa: E731
-        wrap_triton(_tuned_for("dq", q, v, is_causal))[grid](
+        wrap_triton(_tuned_for("dq", meta, q))[grid](
             q, k, v, mask_arg, dout, lse, delta, dq, *strides,
             heads_q, group_size, n_q, n_k, scale, scale * LOG2E, dropout_p, seed, **meta,
         )
