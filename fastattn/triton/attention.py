@@ -765,8 +765,10 @@ def _candidates(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_by
     """(BLOCK_M, BLOCK_N, warps, stages) tuples for A100/H100, pruned by head dim, causal and the
     device's shared memory (pipelined K/V or Q/dO tiles plus the resident tile).
 
-    The lists come from compiling every candidate for sm_80 and sm_90 with Triton 3.6 and 3.9 and
-    reading ptxas' register and spill counts: blocks that spilled at a head width are left out."""
+    The lists come from compiling (no GPU run) every fp16 candidate for sm_90 with Triton 3.9, and
+    the dK/dV ones and the defaults also with Triton 3.6 for sm_80 and sm_90, reading ptxas'
+    register and spill counts: blocks that spilled at a head width are left out. Which of the rest
+    is fastest is the autotuner's call; no timing on a GPU has ranked them yet."""
     wide = max(block_d, block_dv) > 128
     if kind == "fwd":
         blocks = [(128, 128), (128, 64), (128, 32), (64, 64), (64, 32)]
