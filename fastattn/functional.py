@@ -45,11 +45,11 @@ def _check_tensor(name: str, t, ndim_min: int = 1) -> None:
         raise ValueError(f"{name} must have at least {ndim_min} dims, got shape {tuple(t.shape)}")
 
 
-def _check_like(name: str, t, ref_name: str, ref: torch.Tensor) -> None:
-    """``t`` is a tensor of ``ref``'s dtype and device."""
+def _check_like(name: str, t, ref_name: str, ref: torch.Tensor, same_dtype: bool = True) -> None:
+    """``t`` is a tensor of ``ref``'s device (and dtype, when ``same_dtype``)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != ref.dtype:
+    if same_dtype and t.dtype != ref.dtype:
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must match")
@@ -304,16 +304,19 @@ def feed_forward(x, w1, b1=None, w2=None, b2=None, *, activation="gelu", dropout
 
 def _check_norm(x, normalized_shape, params, residual):
     _check_tensor("x", x)
+    # Under autocast the norm runs in float32 whatever the dtypes (as torch's: a bf16 x with float32
+    # weights and a float32 residual stream is the usual mixed-precision case), so only devices must match.
+    same_dtype = not torch.is_autocast_enabled(x.device.type)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if len(shape) == 0 or len(shape) > x.dim() or tuple(x.shape[-len(shape):]) != shape:
         raise ValueError(f"normalized_shape {shape} does not match the last dims of x {tuple(x.shape)}")
     for name, t in params:
         if t is not None:
-            _check_like(name, t, "x", x)
+            _check_like(name, t, "x", x, same_dtype)
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape} (normalized_shape), got {tuple(t.shape)}")
     if residual is not None:
-        _check_like("residual", residual, "x", x)
+        _check_like("residual", residual, "x", x, same_dtype)
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     return shape
