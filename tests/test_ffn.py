@@ -135,6 +135,18 @@ def test_partial_requires_grad(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_broadcast_upstream_gradient(backend):
+    """out.sum().backward() hands the backward a stride-0 (expanded) gradient."""
+    args = _make((19,), D_MODEL, HIDDEN, D_OUT, "silu", torch.float32, _device(backend))
+    _skip_unless_served(backend, args, "silu")
+    _run(backend, args, "silu").sum().backward()
+    oracle_args = [t.detach().cpu().double().requires_grad_() for t in args]
+    reference.feed_forward(*oracle_args, "silu").sum().backward()
+    for name, t, o in zip(("x", "w1", "b1", "w2", "b2"), args, oracle_args):
+        helpers.assert_rule(t.grad, o.grad.to(t.dtype), o.grad, k=3, name=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_input(backend):
     device = _device(backend)
     x, w1, b1, w2, b2 = _make((0, 5), D_MODEL, HIDDEN, D_OUT, "swiglu", torch.float32, device)
