@@ -5,7 +5,10 @@ PIP ?= $(PYTHON) -m pip
 # Test workers: the interpreter is CPU-bound, one worker per core.
 TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, os.cpu_count() or 1)))")
 NVCC ?= nvcc
-CUDA_ARCHS ?= 70 80 90
+# sm_70 while this nvcc still builds it (CUDA 13 dropped Volta: then sm_75, the oldest it has).
+CUDA_ARCHS ?= $(shell $(NVCC) --list-gpu-arch 2>/dev/null | grep -q compute_70 && echo 70 80 90 || echo 75 80 90)
+# The half/bfloat16 macros torch's CUDAExtension builds with, so the check sees what the build sees.
+CUDA_CHECK_FLAGS ?= -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
 
 .PHONY: deps build test test-gpu lint check-cuda bench gpu-report train clean
 
@@ -28,14 +31,16 @@ lint:
 	@$(PYTHON) -c "import ruff" 2>/dev/null || $(PIP) install ruff
 	$(PYTHON) -m ruff check .
 
-# Compile every CUDA source for sm_70, sm_80 and sm_90 without torch (the kernels use raw pointers).
+# Compile every CUDA source for each of CUDA_ARCHS without torch (the kernels use raw pointers),
+# then syntax-check the torch glue and match its signatures to the op schemas (no CUDA torch needed).
 check-cuda:
 	@for f in csrc/cuda/*.cu; do \
 	  for a in $(CUDA_ARCHS); do \
 	    echo "nvcc sm_$$a $$f"; \
-	    $(NVCC) -std=c++17 -O2 -arch=sm_$$a --expt-relaxed-constexpr -Icsrc -c $$f -o /dev/null || exit 1; \
+	    $(NVCC) -std=c++17 -O2 -arch=sm_$$a --expt-relaxed-constexpr $(CUDA_CHECK_FLAGS) -Icsrc -c $$f -o /dev/null || exit 1; \
 	  done; \
 	done
+	PYTHON=$(PYTHON) csrc/cuda/tools/check_glue.sh
 
 bench: build
 	$(PYTHON) -m benchmarks.run $(BENCH_ARGS)

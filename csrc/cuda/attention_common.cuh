@@ -1,0 +1,59 @@
+// Pieces the attention forward and backward kernels share: block scheduling, score masking,
+// dropout, launch helpers.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "attention.cuh"
+#include "common.cuh"
+
+namespace fastattn {
+namespace cuda {
+
+// Which operand tiles may use 16-byte copies (see rows_vectorizable).
+struct VecFlags {
+  bool q = false, k = false, v = false, dout = false;
+};
+
+// A (n, d) slice can be copied in 16-byte chunks: d contiguous, `dim` a multiple of 16 bytes and
+// every row start 16-byte aligned.
+inline bool rows_vectorizable(const View4& view, int dim, int elem_bytes) {
+  const int per_chunk = 16 / elem_bytes;
+  return view.sd == 1 && dim % per_chunk == 0 && reinterpret_cast<uintptr_t>(view.ptr) % 16 == 0 &&
+         view.sb % per_chunk == 0 && view.sh % per_chunk == 0 && view.sn % per_chunk == 0;
+}
+
+inline int elem_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+// Head-dim bucket the kernels are compiled for: 32, 64, 128 or 256 (0 when too large).
+inline int head_dim_bucket(int dim) {
+  if (dim <= 32) return 32;
+  if (dim <= 64) return 64;
+  if (dim <= 128) return 128;
+  if (dim <= kMaxHeadDim) return 256;
+  return 0;
+}
+
+// Masked, scaled score in log2 units: -inf where the key is past Nk or above the causal diagonal,
+// plus the mask's value (times log2 e). Reads the mask only for in-range (i, j).
+__device__ __forceinline__ float masked_score_log2(float dot, const AttentionShape& sh, int b, int h, int i, int j,
+                                                   float scale_log2) {
+  if (j >= sh.len_k || i >= sh.len_q || (sh.causal && j > i)) return -kInf;
+  float x = dot * scale_log2;
+  if (sh.mask_kind != MaskKind::kNone) {
+    const int64_t offset = b * sh.mask_sb + h * sh.mask_sh + i * sh.mask_sq + j * sh.mask_sk;
+    x += mask_bias(sh.mask, sh.mask_kind, offset) * kLog2e;
+  }
+  return x;
+}
+
+// Dropout multiplier of element (b, h, i, j): 0 or 1/(1 - p). Same draw in forward and backward.
+__device__ __forceinline__ float dropout_scale(const AttentionShape& sh, int b, int h, int i, int j) {
+  const uint64_t offset =
+      ((static_cast<uint64_t>(b) * sh.heads_q + h) * static_cast<uint64_t>(sh.len_q) + i) * sh.len_k + j;
+  return dropout_bits(sh.dropout.key, offset) >= sh.dropout.threshold ? sh.dropout.scale : 0.f;
+}
+
+}  // namespace cuda
+}  // namespace fastattn

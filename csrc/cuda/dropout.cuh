@@ -1,0 +1,16 @@
+// fastattn::dropout_mask on the GPU: the keep mask (bool, true = kept) the kernels draw for a
+// contiguous shape of `numel` elements, element i at offset i (csrc/dropout_rng.h). Defined in
+// dropout.cu; tests use it to reproduce a kernel's dropout with the reference implementation.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace fastattn {
+namespace cuda {
+
+cudaError_t launch_dropout_mask(bool* mask, int64_t numel, double p, uint64_t seed, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastattn

@@ -1,0 +1,4 @@
+// attention_bwd.cu compiled for the CPU emulator (see emu.h).
+#include "emu.h"
+
+#include "../../attention_bwd.cu"

@@ -1,0 +1,4 @@
+// dropout.cu compiled for the CPU emulator (see emu.h).
+#include "emu.h"
+
+#include "../../dropout.cu"

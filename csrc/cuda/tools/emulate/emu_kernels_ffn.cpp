@@ -1,0 +1,4 @@
+// ffn.cu compiled for the CPU emulator (see emu.h).
+#include "emu.h"
+
+#include "../../ffn.cu"

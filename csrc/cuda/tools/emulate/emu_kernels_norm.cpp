@@ -1,0 +1,4 @@
+// norm.cu compiled for the CPU emulator (see emu.h).
+#include "emu.h"
+
+#include "../../norm.cu"

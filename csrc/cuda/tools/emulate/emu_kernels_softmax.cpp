@@ -1,0 +1,4 @@
+// softmax.cu compiled for the CPU emulator (see emu.h).
+#include "emu.h"
+
+#include "../../softmax.cu"
