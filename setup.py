@@ -44,7 +44,9 @@ def _extensions():
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fopenmp"]
+    # -fno-trapping-math / -fno-math-errno (as torch itself builds) let GCC vectorise the CPU kernels'
+    # row loops (selects, min/max); csrc/cpu/vecmath.cpp clones them for AVX2+FMA at run time.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     skip_cuda = os.environ.get("FASTATTN_SKIP_CUDA", "0") == "1"
     with_cuda = not skip_cuda and torch.version.cuda is not None and CUDA_HOME is not None
     if with_cuda:

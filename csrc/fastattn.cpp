@@ -24,6 +24,12 @@ TORCH_LIBRARY(fastattn, m) {
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
       "float scale, bool is_causal, float dropout_p, int seed) -> (Tensor dq, Tensor dk, Tensor dv)");
 
+  // The dropout keep mask (bool, true = kept) the kernels draw for `seed` and probability p, for a
+  // tensor of like's shape (only its shape is read): element offsets are linear indices in that
+  // shape, (B, Hq, Nq, Nk) for attention and (M, hidden) for the FFN. The RNG is csrc/dropout_rng.h;
+  // tests use this op to reproduce a kernel's dropout exactly.
+  m.def("dropout_mask(Tensor like, float p, int seed) -> Tensor");
+
   // Softmax along the last dim of x (..., N), any strides. mask: None or a view of x's shape.
   // is_causal masks column j > row i, i the index along dim -2. log: log_softmax (a fully masked
   // row gives -inf there, 0 for softmax). The backward takes the saved output y only.

@@ -1,0 +1,156 @@
+// Softmax and log-softmax along the last dim on the CPU, forward and backward, computed in float32.
+//
+// x (..., N) with any strides (rows are gathered into a float32 buffer); mask None or a view of x's
+// shape (stride 0 where broadcast), bool (true = keep) or floating (added after scaling); is_causal
+// masks column j > row i, i the index along dim -2. A fully masked row gives zeros (softmax) or
+// -inf (log_softmax). The backward reads only the saved output y.
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "common.h"
+
+namespace fastattn::cpu {
+namespace {
+
+// Rows per parallel chunk: about 32K elements each, so short rows are not one task apiece.
+int64_t grain_rows(int64_t row_len) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_len, 1)); }
+
+template <typename T>
+void gather_row(float* dst, const T* src, int64_t n, int64_t stride) {
+  if (stride == 1) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j * stride]);
+  }
+}
+
+// Applies a mask row (any dtype, strided) to the scaled scores s.
+template <typename M>
+void apply_mask_row(float* s, const M* mask, int64_t n, int64_t stride) {
+  if constexpr (std::is_same_v<M, bool>) {
+    for (int64_t j = 0; j < n; ++j)
+      if (!mask[j * stride]) s[j] = -kInf;
+  } else {
+    for (int64_t j = 0; j < n; ++j) s[j] += static_cast<float>(mask[j * stride]);
+  }
+}
+
+template <typename T, typename M>
+void softmax_rows(const at::Tensor& x, const at::Tensor* mask, float scale, bool is_causal, bool log, at::Tensor& y) {
+  const int64_t n = x.size(-1), rows = x.numel() / std::max<int64_t>(n, 1);
+  const int64_t rows_per_matrix = x.dim() >= 2 ? x.size(-2) : 1;
+  const RowOffsets x_rows(x);
+  const RowOffsets mask_rows = mask ? RowOffsets(*mask) : RowOffsets(x);
+  const T* x_data = x.const_data_ptr<T>();
+  const M* mask_data = mask ? mask->const_data_ptr<M>() : nullptr;
+  const int64_t x_stride = x.stride(-1), mask_stride = mask ? mask->stride(-1) : 0;
+  T* y_data = y.data_ptr<T>();
+
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(static_cast<size_t>(2 * n));  // the scores, and their exp for log
+    float* s = buffer.data();
+    for (int64_t row = begin; row < end; ++row) {
+      gather_row(s, x_data + x_rows(row), n, x_stride);
+      scale_row(s, n, scale);
+      if (is_causal) {
+        const int64_t visible = std::min(n, row % rows_per_matrix + 1);
+        std::fill(s + visible, s + n, -kInf);
+      }
+      if (mask_data) apply_mask_row(s, mask_data + mask_rows(row), n, mask_stride);
+      T* out = y_data + row * n;
+      const float m = row_max(s, n);
+      if (m == -kInf) {  // fully masked: zeros, or the log of zeros
+        std::fill(out, out + n, static_cast<T>(log ? -kInf : 0.f));
+        continue;
+      }
+      if (log) {
+        float* e = s + n;
+        std::copy(s, s + n, e);
+        const float shift = m + std::log(exp_shift_sum(e, n, m));
+        for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(s[j] - shift);
+      } else {
+        const float inv = 1.f / exp_shift_sum(s, n, m);
+        for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(s[j] * inv);
+      }
+    }
+  });
+}
+
+template <typename T>
+void softmax_backward_rows(const at::Tensor& dy, const at::Tensor& y, float scale, bool log, at::Tensor& dx) {
+  const int64_t n = y.size(-1), rows = y.numel() / std::max<int64_t>(n, 1);
+  const RowOffsets dy_rows(dy), y_rows(y);
+  const T* dy_data = dy.const_data_ptr<T>();
+  const T* y_data = y.const_data_ptr<T>();
+  const int64_t dy_stride = dy.stride(-1), y_stride = y.stride(-1);
+  T* dx_data = dx.data_ptr<T>();
+
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(static_cast<size_t>(2 * n));
+    float* g = buffer.data();
+    float* p = g + n;
+    for (int64_t row = begin; row < end; ++row) {
+      gather_row(g, dy_data + dy_rows(row), n, dy_stride);
+      gather_row(p, y_data + y_rows(row), n, y_stride);
+      T* out = dx_data + row * n;
+      if (log) {
+        // d log_softmax: dx = dy - softmax * sum(dy); a masked entry (-inf) does not depend on x.
+        const float total = row_sum(g, n);
+        for (int64_t j = 0; j < n; ++j)
+          out[j] = static_cast<T>(p[j] == -kInf ? 0.f : scale * (g[j] - std::exp(p[j]) * total));
+      } else {
+        softmax_grad_row(g, p, n, row_dot(g, p, n));  // y * (dy - sum(dy * y))
+        for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(scale * g[j]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor softmax_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& mask, double scale, bool is_causal,
+                       bool log) {
+  check_dtype(x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "fastattn softmax: x must have at least 1 dim");
+  TORCH_CHECK_VALUE(!is_causal || x.dim() >= 2, "fastattn softmax: is_causal needs x with at least 2 dims");
+  if (mask.has_value()) {
+    TORCH_CHECK_VALUE(mask->sizes() == x.sizes(), "fastattn softmax: mask must be a view of x's shape ", x.sizes(),
+                      ", got ", mask->sizes());
+    const auto dt = mask->scalar_type();
+    TORCH_CHECK_TYPE(dt == at::kBool || dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 ||
+                         dt == at::kHalf,
+                     "fastattn softmax: mask must be bool or floating, got ", dt);
+  }
+  at::Tensor y = new_output(x.sizes(), x.options());
+  if (x.numel() == 0) return y;
+  const at::Tensor* mask_ptr = mask.has_value() ? &*mask : nullptr;
+  const at::ScalarType mask_type = mask.has_value() ? mask->scalar_type() : at::kFloat;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastattn_softmax_fwd", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND3(at::kBool, at::kHalf, at::kBFloat16, mask_type, "fastattn_softmax_mask", [&] {
+      softmax_rows<T, scalar_t>(x, mask_ptr, static_cast<float>(scale), is_causal, log, y);
+    });
+  });
+  return y;
+}
+
+at::Tensor softmax_bwd(const at::Tensor& dy, const at::Tensor& y, double scale, bool log) {
+  check_dtype(y, "y");
+  TORCH_CHECK_VALUE(dy.sizes() == y.sizes(), "fastattn softmax_bwd: dy must have y's shape ", y.sizes());
+  TORCH_CHECK_TYPE(dy.scalar_type() == y.scalar_type(), "fastattn softmax_bwd: dy must have y's dtype");
+  TORCH_CHECK_VALUE(y.dim() >= 1, "fastattn softmax_bwd: y must have at least 1 dim");
+  at::Tensor dx = new_output(y.sizes(), y.options());
+  if (y.numel() == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "fastattn_softmax_bwd", [&] {
+    softmax_backward_rows<scalar_t>(dy, y, static_cast<float>(scale), log, dx);
+  });
+  return dx;
+}
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("softmax_fwd", &softmax_fwd);
+  m.impl("softmax_bwd", &softmax_bwd);
+}
+
+}  // namespace fastattn::cpu

@@ -1,0 +1,147 @@
+// Row primitives of the CPU kernels and the helpers declared in common.h.
+//
+// The loops are plain C++ that GCC vectorises (omp simd); on x86-64 each is cloned for AVX2+FMA and
+// for the baseline ISA and the best clone is picked when the library loads, so the extension runs on
+// any x86-64 CPU without -march flags. exp is a polynomial (no libm call) so that it vectorises.
+#include <ATen/ops/addmm_cpu_dispatch.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "common.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FASTATTN_CLONES __attribute__((target_clones("default", "arch=x86-64-v3")))
+#else
+#define FASTATTN_CLONES
+#endif
+
+namespace fastattn::cpu {
+namespace {
+
+// exp(x) = 2^n * exp(r) with n = round(x / ln 2) and |r| <= ln(2) / 2; a degree-7 Taylor polynomial
+// gives exp(r) within 1e-7 relative. Below ln(FLT_MIN) the result is 0 (so exp(-inf) = 0).
+inline float fast_exp(float x) {
+  constexpr float kLo = -87.33654f, kHi = 88.37626f;
+  const float xc = std::min(std::max(x, kLo), kHi);
+  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  float r = xc - n * 0.693145751953125f;                                    // Cody-Waite: ln 2 in two parts
+  r = r - n * 1.428606765330187045e-06f;
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  const float value = p * two_n;
+  return x < kLo ? 0.f : value;
+}
+
+}  // namespace
+
+float exp_scalar(float x) { return fast_exp(x); }
+
+FASTATTN_CLONES float row_max(const float* x, int64_t n) {
+  float m = -kInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;  // (std::max's reference blocks vectorisation)
+  return m;
+}
+
+FASTATTN_CLONES float exp_shift_sum(float* x, int64_t n, float shift) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = fast_exp(x[i] - shift);
+    x[i] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+FASTATTN_CLONES void exp_shift(float* x, int64_t n, float shift) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = fast_exp(x[i] - shift);
+}
+
+FASTATTN_CLONES void scale_row(float* x, int64_t n, float factor) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] *= factor;
+}
+
+FASTATTN_CLONES float row_sum(const float* x, int64_t n) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += x[i];
+  return sum;
+}
+
+FASTATTN_CLONES float row_dot(const float* a, const float* b, int64_t n) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+FASTATTN_CLONES void softmax_grad_row(float* ds, const float* p, int64_t n, float d) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) ds[i] = p[i] * (ds[i] - d);
+}
+
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  const auto options = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, options);
+  if (k <= 0) {  // an empty inner product: C = beta * C
+    beta == 0.f ? out.zero_() : out.mul_(beta);
+    return;
+  }
+  auto* a_data = const_cast<float*>(a);
+  auto* b_data = const_cast<float*>(b);
+  at::Tensor lhs = trans_a ? at::from_blob(a_data, {k, m}, {lda, 1}, options).t()
+                           : at::from_blob(a_data, {m, k}, {lda, 1}, options);
+  at::Tensor rhs = trans_b ? at::from_blob(b_data, {n, k}, {ldb, 1}, options).t()
+                           : at::from_blob(b_data, {k, n}, {ldb, 1}, options);
+  // The CPU kernel directly: no dispatcher, autograd or profiler on this hot path.
+  at::cpu::addmm_out(out, out, lhs, rhs, beta, alpha);
+}
+
+RowOffsets::RowOffsets(const at::Tensor& t) {
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    sizes_.push_back(std::max<int64_t>(t.size(d), 1));
+    strides_.push_back(t.stride(d));
+  }
+}
+
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  static const bool poison = [] {
+    const char* value = std::getenv("FASTATTN_POISON_OUTPUTS");
+    return value != nullptr && std::strcmp(value, "1") == 0;
+  }();
+  at::Tensor out = at::empty(sizes, options);
+  if (poison && out.is_floating_point()) out.fill_(std::numeric_limits<float>::quiet_NaN());
+  return out;
+}
+
+at::Tensor float_rows(const at::Tensor& t) {
+  at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+  const int64_t cols = f.size(-1);
+  const bool rows_ok = f.dim() < 2 || f.size(-2) <= 1 || f.stride(-2) >= std::max<int64_t>(cols, 1);
+  if ((cols > 1 && f.stride(-1) != 1) || !rows_ok) f = f.contiguous();
+  return f;
+}
+
+void check_dtype(const at::Tensor& t, const char* name) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "fastattn cpu: ", name,
+                   " must be float32, bfloat16 or float16, got ", dtype);
+}
+
+}  // namespace fastattn::cpu
