@@ -42,11 +42,13 @@ using DeviceGuard = c10::cuda::CUDAGuard;
 
 inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   check_cuda_tensor(t, name);
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ",
+                    ref.device());
 }
 
 inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(), " but ", ref_name, " has ",
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(), " but ", ref_name,
+                   " has ",
               ref.scalar_type(), "; they must match");
 }
 
@@ -60,7 +62,8 @@ inline DType kernel_dtype(const at::Tensor& t, const char* name) {
     case at::kFloat:
       return DType::kFloat32;
     default:
-      TORCH_CHECK_TYPE(false, name, " must be float16, bfloat16 or float32 for the CUDA kernels, got ", t.scalar_type());
+      TORCH_CHECK_TYPE(false, name, " must be float16, bfloat16 or float32 for the CUDA kernels, got ",
+                       t.scalar_type());
   }
   return DType::kFloat32;  // unreachable
 }

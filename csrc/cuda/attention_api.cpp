@@ -36,14 +36,16 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
               " must equal k's ", k.sizes().slice(1, 2));
   TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "q's heads (", q.size(1),
               ") must be a multiple of k's heads (", k.size(1), ")");
-  TORCH_CHECK_VALUE(q.size(3) <= kMaxHeadDim && v.size(3) <= kMaxHeadDim, "the CUDA attention kernels take head dims up to ",
+  TORCH_CHECK_VALUE(q.size(3) <= kMaxHeadDim && v.size(3) <= kMaxHeadDim,
+                    "the CUDA attention kernels take head dims up to ",
               kMaxHeadDim, ", got q/k ", q.size(3), " and v ", v.size(3));
   check_dropout(dropout_p);
   if (mask.has_value()) {
     check_same_device(*mask, "mask", q, "q");
     mask_kind(*mask, "mask");
     const std::vector<int64_t> want = {q.size(0), q.size(1), q.size(2), k.size(2)};
-    TORCH_CHECK_VALUE(mask->sizes() == at::IntArrayRef(want), "mask must be a (B, Hq, Nq, Nk) = ", at::IntArrayRef(want),
+    TORCH_CHECK_VALUE(mask->sizes() == at::IntArrayRef(want), "mask must be a (B, Hq, Nq, Nk) = ",
+                      at::IntArrayRef(want),
                 " view (stride 0 where broadcast), got shape ", mask->sizes());
   }
 }

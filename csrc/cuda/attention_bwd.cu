@@ -380,6 +380,9 @@ __global__ void __launch_bounds__(128) attention_bwd_simple_kernel(const Attenti
 // =============================================================================================
 
 template <typename T, int kHeadDim>
+cudaError_t launch_bwd_simple(const AttentionBwdParams& p, cudaStream_t stream);
+
+template <typename T, int kHeadDim>
 cudaError_t launch_bwd_mma(const AttentionBwdParams& p, cudaStream_t stream) {
   constexpr int kWarps = 4, kBlockN = 16 * kWarps;
   constexpr int kBlockM = kHeadDim <= 64 ? 64 : 32;  // keeps dK, dV, Sᵀ and dPᵀ in registers
@@ -394,8 +397,9 @@ cudaError_t launch_bwd_mma(const AttentionBwdParams& p, cudaStream_t stream) {
   vec.v = rows_vectorizable(p.v, sh.dim_v, sizeof(T));
   vec.dout = rows_vectorizable(p.dout, sh.dim_v, sizeof(T));
   const int64_t blocks = static_cast<int64_t>(sh.batch) * sh.heads_kv * ceil_div(sh.len_k, kBlockN);
-  return launch_kernel(attention_bwd_mma_kernel<T, kHeadDim, kBlockM, kWarps>, blocks, kWarps * 32, smem, stream, p,
-                       vec);
+  const auto kernel = attention_bwd_mma_kernel<T, kHeadDim, kBlockM, kWarps>;
+  if (!has_sm80_code(kernel)) return launch_bwd_simple<T, kHeadDim>(p, stream);
+  return launch_kernel(kernel, blocks, kWarps * 32, smem, stream, p, vec);
 }
 
 template <typename T, int kHeadDim>

@@ -35,6 +35,27 @@ inline int head_dim_bucket(int dim) {
   return 0;
 }
 
+// Whether the binary holds sm_80+ code for `kernel`. A build for older archs only (e.g.
+// TORCH_CUDA_ARCH_LIST=7.5 run on an A100 through PTX JIT) compiled the tensor-core kernels'
+// bodies to a trap: the launchers then take the CUDA-core kernels instead. Cached per kernel.
+template <typename Kernel>
+bool has_sm80_code(Kernel kernel) {
+#if defined(FASTATTN_EMULATE)
+  (void)kernel;
+  return true;
+#else
+  static const bool has_code = [kernel] {
+    cudaFuncAttributes attributes;
+    if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
+      (void)cudaGetLastError();  // clear it: the next launch reports its own status
+      return false;
+    }
+    return attributes.ptxVersion >= 80;
+  }();
+  return has_code;
+#endif
+}
+
 // Masked, scaled score in log2 units: -inf where the key is past Nk or above the causal diagonal,
 // plus the mask's value (times log2 e). Reads the mask only for in-range (i, j).
 __device__ __forceinline__ float masked_score_log2(float dot, const AttentionShape& sh, int b, int h, int i, int j,

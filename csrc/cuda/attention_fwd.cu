@@ -326,6 +326,9 @@ __global__ void __launch_bounds__(128) attention_fwd_simple_kernel(const Attenti
 // =============================================================================================
 
 template <typename T, int kHeadDim>
+cudaError_t launch_fwd_simple(const AttentionFwdParams& p, cudaStream_t stream);
+
+template <typename T, int kHeadDim>
 cudaError_t launch_fwd_mma(const AttentionFwdParams& p, cudaStream_t stream) {
   // 8 warps (128 rows) share each K/V tile for small head dims; single-buffered at 256 so that
   // the tiles fit the 99 KiB of sm_86/sm_89.
@@ -342,8 +345,9 @@ cudaError_t launch_fwd_mma(const AttentionFwdParams& p, cudaStream_t stream) {
   const bool vec_out = p.out.sd == 1 && sh.dim_v % 2 == 0 && reinterpret_cast<uintptr_t>(p.out.ptr) % 4 == 0 &&
                        p.out.sb % 2 == 0 && p.out.sh % 2 == 0 && p.out.sn % 2 == 0;
   const int64_t blocks = static_cast<int64_t>(sh.batch) * sh.heads_q * ceil_div(sh.len_q, kBlockM);
-  return launch_kernel(attention_fwd_mma_kernel<T, kHeadDim, kBlockN, kWarps, kStages>, blocks, kWarps * 32, smem,
-                       stream, p, vec, vec_out);
+  const auto kernel = attention_fwd_mma_kernel<T, kHeadDim, kBlockN, kWarps, kStages>;
+  if (!has_sm80_code(kernel)) return launch_fwd_simple<T, kHeadDim>(p, stream);
+  return launch_kernel(kernel, blocks, kWarps * 32, smem, stream, p, vec, vec_out);
 }
 
 template <typename T, int kHeadDim>

@@ -37,7 +37,8 @@ FfnActParams ffn_params(const at::Tensor& h, const std::optional<at::Tensor>& bi
   TORCH_CHECK_VALUE(h.dim() == 2, "h must be 2-D (M, H1), got shape ", h.sizes());
   p.activation = parse_activation(activation);
   const int64_t hidden_in = h.size(1);
-  TORCH_CHECK_VALUE(!is_gated(p.activation) || hidden_in % 2 == 0, "h must have an even number of columns (gate, then up) for ",
+  TORCH_CHECK_VALUE(!is_gated(p.activation) || hidden_in % 2 == 0,
+                    "h must have an even number of columns (gate, then up) for ",
               std::string(activation.data(), activation.size()), ", got ", hidden_in);
   check_dropout(dropout_p);
   p.h = h.data_ptr();

@@ -97,7 +97,9 @@ __global__ void __launch_bounds__(1024) norm_bwd_kernel(const NormBwdParams p) {
     auto xhat_at = [&](int64_t j) -> float {
       return (to_float(s[row * p.s_stride_row + j * p.s_stride_col]) - mean) * rstd;
     };
-    auto weight_at = [&](int64_t j) -> float { return weight != nullptr ? to_float(weight[j * p.weight_stride]) : 1.f; };
+    auto weight_at = [&](int64_t j) -> float {
+      return weight != nullptr ? to_float(weight[j * p.weight_stride]) : 1.f;
+    };
 
     float sum_g = 0.f, sum_gx = 0.f;
     auto visit = [&](int64_t j, float& dw, float& db) {

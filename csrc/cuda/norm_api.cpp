@@ -24,7 +24,8 @@ void check_param(const std::optional<at::Tensor>& t, const char* name, const at:
   if (!t.has_value()) return;
   check_same_device(*t, name, x, "x");
   check_same_dtype(*t, name, x, "x");
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1), name, " must have shape (", x.size(1), ",), got ", t->sizes());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1), name, " must have shape (", x.size(1), ",), got ",
+                    t->sizes());
 }
 
 void check_rows(const at::Tensor& t, const char* name, const at::Tensor& x) {
@@ -36,7 +37,8 @@ void check_rows(const at::Tensor& t, const char* name, const at::Tensor& x) {
 void check_stats(const at::Tensor& t, const char* name, const at::Tensor& x) {
   check_same_device(t, name, x, "s");
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == x.size(0), name, " must have shape (", x.size(0), ",), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == x.size(0), name, " must have shape (", x.size(0), ",), got ",
+                    t.sizes());
 }
 
 // Forward of both norms; mean is returned for layer_norm only.

@@ -54,7 +54,8 @@ at::Tensor softmax_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>
   if (mask.has_value()) {
     check_same_device(*mask, "mask", x, "x");
     mask_kind(*mask, "mask");
-    TORCH_CHECK_VALUE(mask->sizes() == x.sizes(), "mask must be a view of x's shape ", x.sizes(), ", got ", mask->sizes());
+    TORCH_CHECK_VALUE(mask->sizes() == x.sizes(), "mask must be a view of x's shape ", x.sizes(), ", got ",
+                      mask->sizes());
   }
   const DeviceGuard guard(x.device());
   at::Tensor y = new_output(x.sizes(), x.options());

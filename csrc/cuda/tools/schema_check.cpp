@@ -12,7 +12,8 @@
 
 // The glue files, their TORCH_LIBRARY_IMPL(fastattn, CUDA, m) blocks made into unused functions.
 #undef TORCH_LIBRARY_IMPL
-#define TORCH_LIBRARY_IMPL(ns, k, m) [[maybe_unused]] static void C10_CONCATENATE(glue_registration_, C10_UID)(torch::Library & m)
+#define TORCH_LIBRARY_IMPL(ns, k, m) \
+  [[maybe_unused]] static void C10_CONCATENATE(glue_registration_, C10_UID)(torch::Library & m)
 #include "../attention_api.cpp"
 #include "../dropout_api.cpp"
 #include "../ffn_api.cpp"
