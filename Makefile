@@ -49,8 +49,15 @@ gpu-report: build
 	$(PYTHON) -m pytest tests -m gpu -q 2>&1 | tee benchmarks/results/gpu-tests.log
 	$(PYTHON) -m benchmarks.run
 
+# Train the reference Transformer on the stdlib's source and print a sample, e.g.
+# `make train PRESET=small STEPS=2000 TRAIN_ARGS="--attn naive"` (python -m fastattn.train --help).
+PRESET ?= tiny
+STEPS ?= 500
+TRAIN_OUT ?= runs/$(PRESET)
+TRAIN_ARGS ?=
 train: build
-	$(PYTHON) -m fastattn.train --preset tiny
+	$(PYTHON) -m fastattn.train --preset $(PRESET) --steps $(STEPS) --out $(TRAIN_OUT) --overwrite $(TRAIN_ARGS)
+	-$(PYTHON) -m fastattn.generate --checkpoint $(TRAIN_OUT)/checkpoint.pt --prompt "def " --max-new-tokens 200
 
 clean:
 	rm -rf build *.egg-info fastattn/*.so .pytest_cache
