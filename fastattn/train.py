@@ -350,7 +350,7 @@ class Trainer:
         self.model = Transformer(cfg).to(device)
         self.module = self._wrap(self.model)
         self.optimizer = self.model.configure_optimizer(
-            args.lr, args.weight_decay, fused=True if device.type == "cuda" else None
+            args.lr, args.weight_decay, fused=True if device.type == "cuda" and not args.fsdp else None
         )
         warmup = args.warmup if args.warmup is not None else min(200, args.steps // 20)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
