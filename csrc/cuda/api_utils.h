@@ -62,7 +62,7 @@ inline DType kernel_dtype(const at::Tensor& t, const char* name) {
     case at::kFloat:
       return DType::kFloat32;
     default:
-      TORCH_CHECK_TYPE(false, name, " must be float16, bfloat16 or float32 for the CUDA kernels, got ",
+      TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16 for the CUDA kernels, got ",
                        t.scalar_type());
   }
   return DType::kFloat32;  // unreachable

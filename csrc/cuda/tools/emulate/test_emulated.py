@@ -261,7 +261,7 @@ def test_attention_rejects_bad_arguments(ops):
         ops.attention_fwd(q, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool), 1.0, False, 0.0, 0)
     with pytest.raises(ValueError, match="dropout_p"):
         ops.attention_fwd(q, q, q, None, 1.0, False, 1.0, 0)
-    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         ops.attention_fwd(q.double(), q.double(), q.double(), None, 1.0, False, 0.0, 0)
 
 
