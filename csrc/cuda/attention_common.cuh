@@ -24,8 +24,6 @@ inline bool rows_vectorizable(const View4& view, int dim, int elem_bytes) {
          view.sb % per_chunk == 0 && view.sh % per_chunk == 0 && view.sn % per_chunk == 0;
 }
 
-inline int elem_bytes(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
-
 // Head-dim bucket the kernels are compiled for: 32, 64, 128 or 256 (0 when too large).
 inline int head_dim_bucket(int dim) {
   if (dim <= 32) return 32;
