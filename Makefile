@@ -5,6 +5,7 @@ PIP ?= $(PYTHON) -m pip
 # Test workers: the interpreter is CPU-bound, one worker per core.
 TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, os.cpu_count() or 1)))")
 NVCC ?= nvcc
+CHECK_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 # sm_70 while this nvcc still builds it (CUDA 13 dropped Volta: then sm_75, the oldest it has).
 CUDA_ARCHS ?= $(shell $(NVCC) --list-gpu-arch 2>/dev/null | grep -q compute_70 && echo 70 80 90 || echo 75 80 90)
 # The half/bfloat16 macros torch's CUDAExtension builds with, so the check sees what the build sees.
@@ -33,13 +34,11 @@ lint:
 
 # Compile every CUDA source for each of CUDA_ARCHS without torch (the kernels use raw pointers),
 # then syntax-check the torch glue and match its signatures to the op schemas (no CUDA torch needed).
+# One nvcc per (file, arch), as many at once as there are cores; any failure fails the target.
 check-cuda:
-	@for f in csrc/cuda/*.cu; do \
-	  for a in $(CUDA_ARCHS); do \
-	    echo "nvcc sm_$$a $$f"; \
-	    $(NVCC) -std=c++17 -O2 -arch=sm_$$a --expt-relaxed-constexpr $(CUDA_CHECK_FLAGS) -Icsrc -c $$f -o /dev/null || exit 1; \
-	  done; \
-	done
+	@for f in csrc/cuda/*.cu; do for a in $(CUDA_ARCHS); do echo "$$a $$f"; done; done | \
+	  xargs -P $(CHECK_JOBS) -L 1 sh -c 'echo "nvcc sm_$$0 $$1" && \
+	    $(NVCC) -std=c++17 -O2 -arch=sm_$$0 --expt-relaxed-constexpr $(CUDA_CHECK_FLAGS) -Icsrc -c $$1 -o /dev/null'
 	PYTHON=$(PYTHON) csrc/cuda/tools/check_glue.sh
 
 bench: build
