@@ -297,7 +297,7 @@ def test_triton_autotune_pruning(shared_memory, dtype, gated):
                 bm, bh, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_H"], c.kwargs["BLOCK_K"]
                 w_tiles = 2 if gated else 1
                 assert c.num_stages * (bm * bk + w_tiles * bh * bk) * x.element_size() <= shared_memory
-                assert accumulators * bm * bh <= 128 * 32 * c.num_warps  # no register spills from accumulators
+                assert accumulators * bm * bh <= 96 * 32 * c.num_warps  # ptxas spills beyond
                 assert bm <= 2 * m_bucket and bh < 2 * hidden
             if m_bucket >= 16384 and dtype != torch.float32:  # big 16-bit problems keep a 128-row tile
                 assert any(c.kwargs["BLOCK_M"] == 128 for c in kept)

@@ -47,8 +47,9 @@ from fastattn.utils import empty
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# the activation applied to the gate of a gated activation (or to h itself otherwise)
-_BASE_ACTIVATION = {"swiglu": "silu", "geglu": "gelu"}
+# The kernels' ACTIVATION constexpr: the function applied to h (to the gate of a gated activation).
+# Integers rather than strings, so that Inductor renders them trivially in its kernel launches.
+_ACTIVATION_CODE = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "swiglu": 3, "geglu": 1}
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,8 +82,9 @@ def _configs(candidates) -> list[triton.Config]:
 # 128x128 tiles with 8 warps are the A100/H100 sweet spot for 16-bit GEMMs; 64-wide ones cover
 # small M and the gated kernels' extra accumulators; BLOCK_K=32 ones are for float32 (half the
 # shared memory per stage, and FMA dots that need more registers). Checked by compiling for sm_80
-# and sm_90 with Triton 3.6 and 3.9 (ptxas register/spill report): 128x128 with 4 warps and
-# 128x256 spill registers, hence absent. _prune drops what does not fit the call.
+# and sm_90 with Triton 3.6 and 3.9 and reading ptxas' register/spill report: tiles spill once the
+# fp32 accumulators take more than ~96 registers per thread (128x128 with 4 warps, 128x256, the
+# gated kernels' 128x128), hence _prune's limit. _prune also drops what does not fit the call.
 _FWD_TILES = (  # (BLOCK_M, BLOCK_H, BLOCK_K, num_warps, num_stages)
     (128, 128, 64, 8, 3),
     (128, 64, 64, 4, 4),
@@ -94,15 +96,12 @@ _FWD_TILES = (  # (BLOCK_M, BLOCK_H, BLOCK_K, num_warps, num_stages)
     (64, 64, 32, 4, 3),
     (64, 64, 32, 8, 3),
 )
-_BWD_TILES = (
-    (128, 128, 64, 8, 3),
-    (128, 64, 64, 4, 3),
-    (64, 128, 64, 4, 3),
+_BWD_TILES = (  # two (three when gated) accumulators: 8 warps for the 128-wide tiles
     (128, 64, 64, 8, 3),
     (64, 128, 64, 8, 3),
     (64, 64, 64, 4, 4),
-    (128, 64, 32, 4, 3),
     (64, 64, 32, 4, 3),
+    (64, 64, 32, 8, 3),
 )
 _FWD_CONFIGS, _BWD_CONFIGS = _configs(_FWD_TILES), _configs(_BWD_TILES)
 
@@ -118,8 +117,8 @@ def _m_bucket(rows) -> int:
 def _prune(configs, args, accumulators: int, shared_memory: int | None = None):
     """Keep the configs that fit this call: pipeline buffers (x tile + gate and up w1 tiles per
     stage; the backward's dout/w2 loop needs less and reuses them) within the device's shared
-    memory, at most 128 accumulator registers per thread (more spills), and tiles not mostly
-    padding for the problem's M and hidden."""
+    memory, at most 96 fp32 accumulator registers per thread (beyond, ptxas spills: measured for
+    sm_80/sm_90), and tiles not mostly padding for the problem's M and hidden."""
     if len(configs) <= 1:
         return configs
     element_size = args["x_ptr"].element_size()
@@ -129,7 +128,7 @@ def _prune(configs, args, accumulators: int, shared_memory: int | None = None):
         bm, bh, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_H"], c.kwargs["BLOCK_K"]
         smem = c.num_stages * (bm * bk + w_tiles * bh * bk) * element_size
         registers = accumulators * bm * bh // (32 * c.num_warps)
-        fits = smem <= (shared_memory or _SHARED_MEMORY) and registers <= 128
+        fits = smem <= (shared_memory or _SHARED_MEMORY) and registers <= 96
         if fits and bm // 2 < args["M_BUCKET"] and bh // 2 < args["H"]:
             kept.append(c)
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_H"] * c.kwargs["BLOCK_K"])]
@@ -151,12 +150,18 @@ def _prune_bwd(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _mma(a, b, acc, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + a·b; under the interpreter bf16 dots are wrong (Triton 3.8/3.9), so it upcasts there."""
+def _mma(a, b, acc, UPCAST_DOT: tl.constexpr, EXACT_FP32: tl.constexpr):
+    """acc + a·b; under the interpreter bf16 dots are wrong (Triton 3.8/3.9), so it upcasts there.
+    float32 inputs must match the oracle to ~1e-5: full-precision dots, no TF32 (torch's matmul
+    default is also full fp32)."""
     if UPCAST_DOT:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if EXACT_FP32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
 
 
 @triton.jit
@@ -174,12 +179,12 @@ def _tanh(u):
 
 @triton.jit
 def _activation(h, ACTIVATION: tl.constexpr):
-    """act(h) in float32 for relu, gelu (exact, erf), gelu_tanh and silu."""
-    if ACTIVATION == "relu":
+    """act(h) in float32; ACTIVATION: 0 relu, 1 gelu (exact, erf), 2 gelu_tanh, 3 silu."""
+    if ACTIVATION == 0:  # relu
         out = tl.maximum(h, 0.0)
-    elif ACTIVATION == "gelu":
+    elif ACTIVATION == 1:  # gelu
         out = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-    elif ACTIVATION == "gelu_tanh":
+    elif ACTIVATION == 2:  # gelu_tanh
         out = 0.5 * h * (1.0 + _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
     else:  # silu
         out = h * _sigmoid(h)
@@ -189,13 +194,13 @@ def _activation(h, ACTIVATION: tl.constexpr):
 @triton.jit
 def _activation_grad(h, ACTIVATION: tl.constexpr):
     """d act / d h in float32."""
-    if ACTIVATION == "relu":
+    if ACTIVATION == 0:  # relu
         grad = tl.where(h > 0.0, 1.0, 0.0)
-    elif ACTIVATION == "gelu":
+    elif ACTIVATION == 1:  # gelu
         cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
         pdf = 0.3989422804014327 * tl.exp(-0.5 * h * h)
         grad = cdf + h * pdf
-    elif ACTIVATION == "gelu_tanh":
+    elif ACTIVATION == 2:  # gelu_tanh
         t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
         grad = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
     else:  # silu
@@ -238,7 +243,7 @@ def _tile_ids(M, H, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_M: tl.co
 @triton.jit
 def _gemm_tile(
     a_ptr, b_ptr, rows, cols, depth, stride_am, stride_ak, stride_bn, stride_bk, b_col_offset,
-    acc_b, acc_c, TWO_B: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    acc_b, acc_c, TWO_B: tl.constexpr, UPCAST_DOT: tl.constexpr, EXACT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """acc_b += A[rows, :]·B[cols, :]ᵀ over ``depth`` (and acc_c += A·B[cols + b_col_offset, :]ᵀ when
@@ -252,10 +257,10 @@ def _gemm_tile(
         in_depth = ks < depth - k0
         a_tile = tl.load(a_ptrs, mask=in_depth[None, :], other=0.0)
         b_tile = tl.load(b_ptrs, mask=in_depth[:, None], other=0.0)
-        acc_b = _mma(a_tile, b_tile, acc_b, UPCAST_DOT, DOT_PRECISION)
+        acc_b = _mma(a_tile, b_tile, acc_b, UPCAST_DOT, EXACT_FP32)
         if TWO_B:
             c_tile = tl.load(c_ptrs, mask=in_depth[:, None], other=0.0)
-            acc_c = _mma(a_tile, c_tile, acc_c, UPCAST_DOT, DOT_PRECISION)
+            acc_c = _mma(a_tile, c_tile, acc_c, UPCAST_DOT, EXACT_FP32)
             c_ptrs += BLOCK_K * stride_bk
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -281,7 +286,7 @@ def _ffn_up_fwd_kernel(
     M, K, H, M_BUCKET, seed, dropout_p,
     stride_xm, stride_xk, stride_w1h, stride_w1k, stride_am,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    INDEX_64: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr, UPCAST_DOT: tl.constexpr, EXACT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """a[rows, cols] = dropout(act(x·w1ᵀ + b1)) (gated: act(gate)·up), h kept in registers."""
@@ -294,7 +299,7 @@ def _ffn_up_fwd_kernel(
     up = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     gate, up = _gemm_tile(
         x_ptr, w1_ptr, rows_in, cols_in, K, stride_xm, stride_xk, stride_w1h, stride_w1k, H,
-        gate, up, GATED, UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_H, BLOCK_K,
+        gate, up, GATED, UPCAST_DOT, EXACT_FP32, BLOCK_M, BLOCK_H, BLOCK_K,
     )
     act = _activation(_add_bias(gate, b1_ptr, cols_in, HAS_BIAS), ACTIVATION)
     if GATED:
@@ -315,7 +320,7 @@ def _ffn_up_bwd_kernel(
     stride_xm, stride_xk, stride_w1h, stride_w1k, stride_dom, stride_don, stride_w2n, stride_w2h,
     stride_am, stride_dhm,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    INDEX_64: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr, UPCAST_DOT: tl.constexpr, EXACT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Recomputes h = x·w1ᵀ + b1 and da = dout·w2 for a (rows, cols) tile, then writes
@@ -329,13 +334,13 @@ def _ffn_up_bwd_kernel(
     up = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     gate, up = _gemm_tile(
         x_ptr, w1_ptr, rows_in, cols_in, K, stride_xm, stride_xk, stride_w1h, stride_w1k, H,
-        gate, up, GATED, UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_H, BLOCK_K,
+        gate, up, GATED, UPCAST_DOT, EXACT_FP32, BLOCK_M, BLOCK_H, BLOCK_K,
     )
     # da[m, j] = Σ_n dout[m, n]·w2[n, j]: w2's "rows" of this GEMM are its columns j
     d_act = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     d_act, unused = _gemm_tile(
         dout_ptr, w2_ptr, rows_in, cols_in, N, stride_dom, stride_don, stride_w2h, stride_w2n, 0,
-        d_act, d_act, False, UPCAST_DOT, DOT_PRECISION, BLOCK_M, BLOCK_H, BLOCK_K,
+        d_act, d_act, False, UPCAST_DOT, EXACT_FP32, BLOCK_M, BLOCK_H, BLOCK_K,
     )
 
     gate = _add_bias(gate, b1_ptr, cols_in, HAS_BIAS)
@@ -384,13 +389,12 @@ def _needs_64bit_counter(rows: int, hidden: int) -> bool:
 
 def _kernel_flags(x: torch.Tensor, activation: str, dropout_p: float, rows: int, hidden: int) -> dict:
     return {
-        "ACTIVATION": _BASE_ACTIVATION.get(activation, activation),
+        "ACTIVATION": _ACTIVATION_CODE[activation],
         "GATED": activation in GATED_ACTIVATIONS,
         "HAS_DROPOUT": dropout_p > 0.0,
         "INDEX_64": _needs_64bit_counter(rows, hidden),
         "UPCAST_DOT": _INTERPRETING,
-        # float32 must match the oracle to ~1e-5: no TF32 (torch's matmul default is also full fp32)
-        "DOT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32",
+        "EXACT_FP32": x.dtype == torch.float32,
     }
 
 
