@@ -165,13 +165,15 @@ def _layer_norm_setup(ctx, inputs, output):
     ctx.save_for_backward(residual_out if residual is not None else x, weight, mean, rstd)
     ctx.has_residual, ctx.has_bias = residual is not None, bias is not None
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # an unused output's gradient comes as None, not a tensor of zeros
 
 
 def _layer_norm_backward(ctx, dy, dresidual_out, _dmean, _drstd):
     s, weight, mean, rstd = ctx.saved_tensors
-    ds, dweight, dbias = torch.ops.fastattn.layer_norm_bwd(dy, s, weight, mean, rstd, ctx.has_bias)
-    if ctx.has_residual and dresidual_out is not None:
-        ds = ds + dresidual_out  # s also leaves the op (the next block's residual stream)
+    ds = dweight = dbias = None
+    if dy is not None:
+        ds, dweight, dbias = torch.ops.fastattn.layer_norm_bwd(dy, s, weight, mean, rstd, ctx.has_bias)
+    ds = _add_residual_grad(ds, dresidual_out if ctx.has_residual else None)
     return (
         ds,
         ds if ctx.has_residual else None,
@@ -181,19 +183,28 @@ def _layer_norm_backward(ctx, dy, dresidual_out, _dmean, _drstd):
     )
 
 
+def _add_residual_grad(ds, dresidual_out):
+    """s = x + residual also leaves the norm (the next block's residual stream): its gradient adds."""
+    if dresidual_out is None:
+        return ds
+    return dresidual_out if ds is None else ds + dresidual_out
+
+
 def _rms_norm_setup(ctx, inputs, output):
     x, residual, weight, _eps = inputs
     _y, residual_out, rstd = output
     ctx.save_for_backward(residual_out if residual is not None else x, weight, rstd)
     ctx.has_residual = residual is not None
     ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)
 
 
 def _rms_norm_backward(ctx, dy, dresidual_out, _drstd):
     s, weight, rstd = ctx.saved_tensors
-    ds, dweight = torch.ops.fastattn.rms_norm_bwd(dy, s, weight, rstd)
-    if ctx.has_residual and dresidual_out is not None:
-        ds = ds + dresidual_out
+    ds = dweight = None
+    if dy is not None:
+        ds, dweight = torch.ops.fastattn.rms_norm_bwd(dy, s, weight, rstd)
+    ds = _add_residual_grad(ds, dresidual_out if ctx.has_residual else None)
     return ds, ds if ctx.has_residual else None, dweight if weight is not None else None, None
 
 

@@ -510,6 +510,26 @@ def test_norms_against_oracle(kind, affine, residual, dtype):
         assert_rule(g, gn, go, k=3.0, name=f"grad {i}")
 
 
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("used", ["y", "s"])
+def test_norm_with_residual_when_one_output_is_unused(kind, used):
+    """Autograd gets None (not zeros) for the unused output; the gradient must still be right."""
+    x, r, w = randn(9, 40, requires_grad=True), randn(9, 40, requires_grad=True), randn(40, requires_grad=True)
+    fn = fastattn.layer_norm if kind == "layer_norm" else fastattn.rms_norm
+    with fastattn.use_backend("cpu"):
+        y, s = fn(x, 40, w, residual=r)
+    x64, r64, w64 = oracle(x), oracle(r), oracle(w)
+    y64, s64 = fn(x64, 40, w64, residual=r64)  # float64: the reference backend
+    out, out64 = (y, y64) if used == "y" else (s, s64)
+    grads = torch.autograd.grad(out, (x, r, w), torch.ones_like(out), allow_unused=True)
+    grads64 = torch.autograd.grad(out64, (x64, r64, w64), torch.ones_like(out64), allow_unused=True)
+    for g, g64 in zip(grads, grads64):
+        if g64 is None or (g64 == 0).all():
+            assert g is None or (g == 0).all()
+        else:
+            torch.testing.assert_close(g.double(), g64, rtol=1e-5, atol=1e-5)
+
+
 def test_norm_strided_input():
     base = randn(64, 40, requires_grad=True)
     x = base.t()  # (40, 64), column-major

@@ -364,11 +364,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
   const int64_t splits = std::clamp<int64_t>((2 * threads + heads_total - 1) / heads_total, 1, k_blocks);
   const int64_t blocks_per_split = (k_blocks + splits - 1) / splits;
 
+  // float32 accumulators; for float32 inputs without splits or GQA, the outputs themselves.
   const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor dq_parts = at::zeros({splits, batch, heads, n_q, dim}, f32);
+  const bool fp32 = q.scalar_type() == at::kFloat;
+  at::Tensor dq_parts = splits == 1 && fp32 ? dq.zero_().unsqueeze(0) : at::zeros({splits, batch, heads, n_q, dim}, f32);
   const bool direct_kv = heads == heads_kv;  // no GQA group to sum over
-  at::Tensor dk32 = at::empty({batch, heads, n_k, dim}, f32);
-  at::Tensor dv32 = at::empty({batch, heads, n_k, dim_v}, f32);
+  at::Tensor dk32 = direct_kv && fp32 ? dk : at::empty({batch, heads, n_k, dim}, f32);
+  at::Tensor dv32 = direct_kv && fp32 ? dv : at::empty({batch, heads, n_k, dim_v}, f32);
   const Grads g{dq_parts.data_ptr<float>(), dk32.data_ptr<float>(), dv32.data_ptr<float>(),
                 do32.const_data_ptr<float>(), do32.stride(0), do32.stride(1), do32.stride(2),
                 lse_c.const_data_ptr<float>(), delta.const_data_ptr<float>()};
@@ -381,9 +383,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
     backward_blocks(p, g, bh / heads, bh % heads, kb_begin, kb_end, dq_split, buffer);
   });
 
-  dq.copy_(splits == 1 ? dq_parts[0] : dq_parts.sum(0));
+  if (!dq_parts.is_alias_of(dq)) dq.copy_(splits == 1 ? dq_parts[0] : dq_parts.sum(0));
   if (direct_kv) {
-    dk.copy_(dk32), dv.copy_(dv32);
+    if (!dk32.is_same(dk)) dk.copy_(dk32), dv.copy_(dv32);
   } else {
     const int64_t group = heads / heads_kv;
     dk.copy_(dk32.view({batch, heads_kv, group, n_k, dim}).sum(2));

@@ -86,6 +86,22 @@ at::Tensor float_rows(const at::Tensor& t);
 // The dtypes the CPU kernels read and write (they compute in float32).
 void check_dtype(const at::Tensor& t, const char* name);
 
+// Row n of any dtype, element stride `stride`, into float32 (the contiguous case vectorises).
+template <typename T>
+inline void load_row(float* dst, const T* src, int64_t n, int64_t stride) {
+  if (stride == 1) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j * stride]);
+  }
+}
+
+// A float32 row into a contiguous row of T (rounding to nearest for the 16-bit types).
+template <typename T>
+inline void store_row(T* dst, const float* src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+}
+
 template <typename T>
 inline float load_float(const T* p) {
   return static_cast<float>(*p);

@@ -9,8 +9,10 @@
 
 #include <cmath>
 #include <string>
+#include <utility>
 
 #include "common.h"
+#include "simd.h"
 
 namespace fastattn::cpu {
 namespace {
@@ -38,36 +40,76 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 constexpr float kTanhScale = 0.79788456080286536f;  // sqrt(2 / pi)
 constexpr float kTanhCubic = 0.044715f;
 
-float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
+// The activations and their derivatives, branch-free on simd:: math so that the row loops vectorise.
+template <Act A>
+FASTATTN_INLINE float activate(float x) {
+  if constexpr (A == Act::kRelu) return x > 0.f ? x : 0.f;
+  if constexpr (A == Act::kGelu) return 0.5f * x * (1.f + simd::erf(x * kSqrtHalf));
+  if constexpr (A == Act::kGeluTanh) return 0.5f * x * (1.f + simd::tanh(kTanhScale * (x + kTanhCubic * x * x * x)));
+  if constexpr (A == Act::kSilu) return x * simd::sigmoid(x);
+  return x;
+}
 
-float activate(Act act, float x) {
-  switch (act) {
-    case Act::kRelu:
-      return x > 0.f ? x : 0.f;
-    case Act::kGelu:
-      return 0.5f * x * (1.f + std::erf(x * kSqrtHalf));
-    case Act::kGeluTanh:
-      return 0.5f * x * (1.f + std::tanh(kTanhScale * (x + kTanhCubic * x * x * x)));
-    default:  // silu
-      return x * sigmoid(x);
+template <Act A>
+FASTATTN_INLINE float activate_grad(float x) {
+  if constexpr (A == Act::kRelu) return x > 0.f ? 1.f : 0.f;
+  if constexpr (A == Act::kGelu) {
+    return 0.5f * (1.f + simd::erf(x * kSqrtHalf)) + x * kInvSqrt2Pi * simd::exp(-0.5f * x * x);
+  }
+  if constexpr (A == Act::kGeluTanh) {
+    const float t = simd::tanh(kTanhScale * (x + kTanhCubic * x * x * x));
+    return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * kTanhScale * (1.f + 3.f * kTanhCubic * x * x);
+  }
+  if constexpr (A == Act::kSilu) {
+    const float s = simd::sigmoid(x);
+    return s * (1.f + x * (1.f - s));
+  }
+  return 1.f;
+}
+
+// One row of the forward: a = act(pre) (up == nullptr) or act(pre) * up (gated), n values.
+template <Act A>
+FASTATTN_CLONES void forward_row(float* a, const float* pre, const float* up, int64_t n) {
+  if (up == nullptr) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) a[c] = activate<A>(pre[c]);
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) a[c] = activate<A>(pre[c]) * up[c];
   }
 }
 
-// d act / dx.
-float activate_grad(Act act, float x) {
-  switch (act) {
+// One row of the backward, da the incoming gradient (dropout already applied): plain, d = da * act'(pre)
+// into dpre; gated, dpre = da * up * act'(gate) and dup = da * act(gate).
+template <Act A>
+FASTATTN_CLONES void backward_row(float* dpre, float* dup, const float* da, const float* pre, const float* up,
+                                  int64_t n) {
+  if (up == nullptr) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) dpre[c] = da[c] * activate_grad<A>(pre[c]);
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) {
+      dpre[c] = da[c] * up[c] * activate_grad<A>(pre[c]);
+      dup[c] = da[c] * activate<A>(pre[c]);
+    }
+  }
+}
+
+using ForwardRow = void (*)(float*, const float*, const float*, int64_t);
+using BackwardRow = void (*)(float*, float*, const float*, const float*, const float*, int64_t);
+
+// The row functions for an activation (gated ones use their base function on the gate).
+std::pair<ForwardRow, BackwardRow> row_functions(Act act) {
+  switch (base_activation(act)) {
     case Act::kRelu:
-      return x > 0.f ? 1.f : 0.f;
+      return {&forward_row<Act::kRelu>, &backward_row<Act::kRelu>};
     case Act::kGelu:
-      return 0.5f * (1.f + std::erf(x * kSqrtHalf)) + x * kInvSqrt2Pi * std::exp(-0.5f * x * x);
-    case Act::kGeluTanh: {
-      const float t = std::tanh(kTanhScale * (x + kTanhCubic * x * x * x));
-      return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * kTanhScale * (1.f + 3.f * kTanhCubic * x * x);
-    }
-    default: {  // silu
-      const float s = sigmoid(x);
-      return s * (1.f + x * (1.f - s));
-    }
+      return {&forward_row<Act::kGelu>, &backward_row<Act::kGelu>};
+    case Act::kGeluTanh:
+      return {&forward_row<Act::kGeluTanh>, &backward_row<Act::kGeluTanh>};
+    default:
+      return {&forward_row<Act::kSilu>, &backward_row<Act::kSilu>};
   }
 }
 
@@ -91,9 +133,11 @@ struct Epilogue {
     threshold = dropout_threshold(p);
     keep_scale = static_cast<float>(1.0 / (1.0 - p));
   }
-  float factor(int64_t row, int64_t col) const {
-    if (!dropout) return 1.f;
-    return dropout_bits(key, static_cast<uint64_t>(row * hidden + col)) >= threshold ? keep_scale : 0.f;
+  // Multiplies row `row` of the activation (or of its gradient) by the dropout factors.
+  void apply_dropout(float* values, int64_t row) const {
+    if (!dropout) return;
+    const uint64_t base = static_cast<uint64_t>(row * hidden);
+    for (int64_t c = 0; c < hidden; ++c) values[c] *= dropout_bits(key, base + c) >= threshold ? keep_scale : 0.f;
   }
 };
 
@@ -107,31 +151,43 @@ void check_epilogue_inputs(const at::Tensor& h, const c10::optional<at::Tensor>&
   }
 }
 
-// Row r of h + bias as float32 into dst (width values).
+// Row r of h + bias as float32 (width values).
 template <typename T>
-void load_biased_row(float* dst, const T* h, int64_t h_stride, const T* bias, int64_t bias_stride, int64_t width) {
-  for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<float>(h[c * h_stride]);
-  if (bias)
-    for (int64_t c = 0; c < width; ++c) dst[c] += static_cast<float>(bias[c * bias_stride]);
+void load_biased_row(float* dst, const at::Tensor& h, const float* bias, int64_t r) {
+  load_row(dst, h.const_data_ptr<T>() + r * h.stride(0), h.size(1), h.stride(1));
+  if (bias == nullptr) return;
+  const int64_t width = h.size(1);
+#pragma omp simd
+  for (int64_t c = 0; c < width; ++c) dst[c] += bias[c];
 }
+
+// The bias as float32 once, shared by the rows (empty without bias).
+template <typename T>
+std::vector<float> bias_as_float(const c10::optional<at::Tensor>& bias) {
+  if (!bias.has_value()) return {};
+  std::vector<float> out(static_cast<size_t>(bias->size(0)));
+  load_row(out.data(), bias->const_data_ptr<T>(), bias->size(0), bias->stride(0));
+  return out;
+}
+
+int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
 
 template <typename T>
 void epilogue_forward(const Epilogue& e, const at::Tensor& h, const c10::optional<at::Tensor>& bias, at::Tensor& a) {
-  const T* h_data = h.const_data_ptr<T>();
-  const T* bias_data = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
-  const int64_t bias_stride = bias.has_value() ? bias->stride(0) : 0;
+  const std::vector<float> bias_f = bias_as_float<T>(bias);
+  const float* bias_data = bias_f.empty() ? nullptr : bias_f.data();
+  const ForwardRow forward = row_functions(e.act).first;
+  const bool gated = is_gated(e.act);
   T* a_data = a.data_ptr<T>();
-  const Act base = base_activation(e.act);
-  at::parallel_for(0, e.rows, std::max<int64_t>(1, 16384 / e.width), [&](int64_t begin, int64_t end) {
-    std::vector<float> pre(static_cast<size_t>(e.width));
+  at::parallel_for(0, e.rows, grain_rows(e.width), [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(static_cast<size_t>(e.width + e.hidden));
+    float* pre = buffer.data();
+    float* out = pre + e.width;
     for (int64_t r = begin; r < end; ++r) {
-      load_biased_row(pre.data(), h_data + r * h.stride(0), h.stride(1), bias_data, bias_stride, e.width);
-      T* out = a_data + r * e.hidden;
-      for (int64_t c = 0; c < e.hidden; ++c) {
-        float value = activate(base, pre[c]);
-        if (is_gated(e.act)) value *= pre[c + e.hidden];
-        out[c] = static_cast<T>(value * e.factor(r, c));
-      }
+      load_biased_row<T>(pre, h, bias_data, r);
+      forward(out, pre, gated ? pre + e.hidden : nullptr, e.hidden);
+      e.apply_dropout(out, r);
+      store_row(a_data + r * e.hidden, out, e.hidden);
     }
   });
 }
@@ -139,29 +195,23 @@ void epilogue_forward(const Epilogue& e, const at::Tensor& h, const c10::optiona
 template <typename T>
 void epilogue_backward(const Epilogue& e, const at::Tensor& grad, const at::Tensor& h,
                        const c10::optional<at::Tensor>& bias, at::Tensor& dh) {
+  const std::vector<float> bias_f = bias_as_float<T>(bias);
+  const float* bias_data = bias_f.empty() ? nullptr : bias_f.data();
+  const BackwardRow backward = row_functions(e.act).second;
+  const bool gated = is_gated(e.act);
   const T* g_data = grad.const_data_ptr<T>();
-  const T* h_data = h.const_data_ptr<T>();
-  const T* bias_data = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
-  const int64_t bias_stride = bias.has_value() ? bias->stride(0) : 0;
   T* dh_data = dh.data_ptr<T>();
-  const Act base = base_activation(e.act);
-  at::parallel_for(0, e.rows, std::max<int64_t>(1, 16384 / e.width), [&](int64_t begin, int64_t end) {
-    std::vector<float> pre(static_cast<size_t>(e.width));
+  at::parallel_for(0, e.rows, grain_rows(e.width), [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(static_cast<size_t>(2 * e.width + e.hidden));
+    float* pre = buffer.data();
+    float* da = pre + e.width;
+    float* dpre = da + e.hidden;
     for (int64_t r = begin; r < end; ++r) {
-      load_biased_row(pre.data(), h_data + r * h.stride(0), h.stride(1), bias_data, bias_stride, e.width);
-      const T* g = g_data + r * grad.stride(0);
-      T* out = dh_data + r * e.width;
-      for (int64_t c = 0; c < e.hidden; ++c) {
-        const float da = static_cast<float>(g[c * grad.stride(1)]) * e.factor(r, c);
-        const float x = pre[c];
-        if (is_gated(e.act)) {
-          const float up = pre[c + e.hidden];
-          out[c] = static_cast<T>(da * up * activate_grad(base, x));
-          out[c + e.hidden] = static_cast<T>(da * activate(base, x));
-        } else {
-          out[c] = static_cast<T>(da * activate_grad(base, x));
-        }
-      }
+      load_biased_row<T>(pre, h, bias_data, r);
+      load_row(da, g_data + r * grad.stride(0), e.hidden, grad.stride(1));
+      e.apply_dropout(da, r);  // the dropped elements pass no gradient; kept ones are scaled
+      backward(dpre, dpre + e.hidden, da, pre, gated ? pre + e.hidden : nullptr, e.hidden);
+      store_row(dh_data + r * e.width, dpre, e.width);
     }
   });
 }

@@ -8,19 +8,16 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "common.h"
+#include "simd.h"
 
 namespace fastattn::cpu {
 namespace {
 
 // Row chunks for the backward's weight reductions: a few per thread, each with its partial sums.
 int64_t reduction_chunks(int64_t rows) { return std::clamp<int64_t>(4 * at::get_num_threads(), 1, rows); }
-
-template <typename T>
-const T* data_or_null(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
-}
 
 void check_row_param(const c10::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
   if (!t.has_value()) return;
@@ -38,26 +35,21 @@ void check_norm_inputs(const at::Tensor& x, const c10::optional<at::Tensor>& res
   }
 }
 
-// Loads row r of x (+ residual) as float32 into s, writing the sum to residual_out when there is one.
-template <typename T>
-void load_sum_row(float* s, const at::Tensor& x, const c10::optional<at::Tensor>& residual, T* residual_out,
-                  int64_t r) {
-  const int64_t n = x.size(1);
-  const T* xr = x.const_data_ptr<T>() + r * x.stride(0);
-  for (int64_t c = 0; c < n; ++c) s[c] = static_cast<float>(xr[c * x.stride(1)]);
-  if (!residual.has_value()) return;
-  const T* rr = residual->const_data_ptr<T>() + r * residual->stride(0);
-  T* out = residual_out + r * n;
-  for (int64_t c = 0; c < n; ++c) {
-    const T sum = static_cast<T>(s[c] + static_cast<float>(rr[c * residual->stride(1)]));
-    out[c] = sum;
-    s[c] = static_cast<float>(sum);
-  }
+// ---- row primitives (vectorised; FASTATTN_CLONES builds them for AVX2+FMA too) ----
+
+FASTATTN_CLONES void add_rows(float* acc, const float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) acc[c] += x[c];
+}
+
+FASTATTN_CLONES void accumulate_product(float* acc, const float* a, const float* b, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) acc[c] += a[c] * b[c];
 }
 
 // The mean of a row, accumulated relative to its first value: rows far from zero (mean 1000, say)
 // then sum small numbers, and the float32 sum loses nothing to the large common offset.
-float shifted_mean(const float* s, int64_t n) {
+FASTATTN_CLONES float shifted_mean(const float* s, int64_t n) {
   const float origin = s[0];
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
@@ -65,56 +57,85 @@ float shifted_mean(const float* s, int64_t n) {
   return origin + sum / static_cast<float>(n);
 }
 
-template <typename T>
-void layer_norm_forward(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
-                        const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, float eps,
-                        at::Tensor& y, at::Tensor& residual_out, at::Tensor& mean, at::Tensor& rstd) {
-  const int64_t rows = x.size(0), n = x.size(1);
-  const T* w = data_or_null<T>(weight);
-  const T* bi = data_or_null<T>(bias);
-  const int64_t ws = weight.has_value() ? weight->stride(0) : 0, bs = bias.has_value() ? bias->stride(0) : 0;
-  T* res_out = residual.has_value() ? residual_out.data_ptr<T>() : nullptr;
-  T* y_data = y.data_ptr<T>();
-  float* mean_data = mean.data_ptr<float>();
-  float* rstd_data = rstd.data_ptr<float>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
-    std::vector<float> s(static_cast<size_t>(n));
-    for (int64_t r = begin; r < end; ++r) {
-      load_sum_row(s.data(), x, residual, res_out, r);
-      const float mu = shifted_mean(s.data(), n);
-      float var = 0.f;
-      for (int64_t c = 0; c < n; ++c) var += (s[c] - mu) * (s[c] - mu);  // two passes: no cancellation
-      const float inv_std = 1.f / std::sqrt(var / static_cast<float>(n) + eps);
-      mean_data[r] = mu, rstd_data[r] = inv_std;
-      T* out = y_data + r * n;
-      for (int64_t c = 0; c < n; ++c) {
-        float v = (s[c] - mu) * inv_std;
-        if (w) v *= static_cast<float>(w[c * ws]);
-        if (bi) v += static_cast<float>(bi[c * bs]);
-        out[c] = static_cast<T>(v);
-      }
-    }
-  });
+// sum((s - mu)^2): with the mean known, a second pass that cannot cancel (unlike E[s^2] - mu^2).
+FASTATTN_CLONES float centered_square_sum(const float* s, int64_t n, float mu) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < n; ++c) sum += (s[c] - mu) * (s[c] - mu);
+  return sum;
 }
 
+FASTATTN_CLONES void normalize_row(float* y, const float* s, int64_t n, float mu, float inv, const float* w,
+                                   const float* b) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) y[c] = (s[c] - mu) * inv * w[c] + b[c];
+}
+
+// ds of one row (see norm_backward); xhat holds s on entry and xhat on return.
+FASTATTN_CLONES void norm_grad_row(float* ds, float* xhat, const float* dy, const float* w, int64_t n, float mu,
+                                   float inv, bool centered) {
+  float sum_gx = 0.f, sum_g = 0.f;
+#pragma omp simd reduction(+ : sum_gx, sum_g)
+  for (int64_t c = 0; c < n; ++c) {
+    xhat[c] = (xhat[c] - mu) * inv;
+    ds[c] = dy[c] * w[c];  // g, kept rounded so that g - mean(g) is exactly 0 where g is constant
+    sum_gx += ds[c] * xhat[c];
+    sum_g += ds[c];
+  }
+  const float mean_gx = sum_gx / static_cast<float>(n), mean_g = centered ? sum_g / static_cast<float>(n) : 0.f;
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) ds[c] = inv * (ds[c] - mean_g - xhat[c] * mean_gx);
+}
+
+// ---- the kernels ----
+
+// Row r of x (+ residual) as float32 into s; with a residual, the sum rounded to T (what the unfused
+// x + residual gives) is written to residual_out and is what gets normalised.
 template <typename T>
-void rms_norm_forward(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
-                      const c10::optional<at::Tensor>& weight, float eps, at::Tensor& y, at::Tensor& residual_out,
-                      at::Tensor& rstd) {
+void load_sum_row(float* s, float* scratch, const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                  T* residual_out, int64_t r) {
+  const int64_t n = x.size(1);
+  load_row(s, x.const_data_ptr<T>() + r * x.stride(0), n, x.stride(1));
+  if (!residual.has_value()) return;
+  load_row(scratch, residual->const_data_ptr<T>() + r * residual->stride(0), n, residual->stride(1));
+  add_rows(s, scratch, n);
+  T* out = residual_out + r * n;
+  store_row(out, s, n);
+  if constexpr (!std::is_same_v<T, float>) load_row(s, out, n, 1);
+}
+
+// A per-column parameter as float32, or `fill` everywhere when absent.
+template <typename T>
+std::vector<float> param_as_float(const c10::optional<at::Tensor>& t, int64_t n, float fill) {
+  std::vector<float> out(static_cast<size_t>(n), fill);
+  if (t.has_value()) load_row(out.data(), t->const_data_ptr<T>(), n, t->stride(0));
+  return out;
+}
+
+int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
+
+// Both norms' forward: y = (s - mean) * rstd * weight + bias, mean = 0 and no bias for RMSNorm
+// (centered = false), rstd = 1 / sqrt(mean((s - mean)^2) + eps).
+template <typename T>
+void norm_forward(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                  const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, float eps,
+                  bool centered, at::Tensor& y, at::Tensor& residual_out, float* mean, float* rstd) {
   const int64_t rows = x.size(0), n = x.size(1);
-  const T* w = data_or_null<T>(weight);
-  const int64_t ws = weight.has_value() ? weight->stride(0) : 0;
+  const std::vector<float> w = param_as_float<T>(weight, n, 1.f), b = param_as_float<T>(bias, n, 0.f);
   T* res_out = residual.has_value() ? residual_out.data_ptr<T>() : nullptr;
   T* y_data = y.data_ptr<T>();
-  float* rstd_data = rstd.data_ptr<float>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
-    std::vector<float> s(static_cast<size_t>(n));
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(static_cast<size_t>(2 * n));
+    float* s = buffer.data();
+    float* scratch = s + n;
     for (int64_t r = begin; r < end; ++r) {
-      load_sum_row(s.data(), x, residual, res_out, r);
-      const float inv_rms = 1.f / std::sqrt(row_dot(s.data(), s.data(), n) / static_cast<float>(n) + eps);
-      rstd_data[r] = inv_rms;
-      T* out = y_data + r * n;
-      for (int64_t c = 0; c < n; ++c) out[c] = static_cast<T>(s[c] * inv_rms * (w ? static_cast<float>(w[c * ws]) : 1.f));
+      load_sum_row(s, scratch, x, residual, res_out, r);
+      const float mu = centered ? shifted_mean(s, n) : 0.f;
+      const float inv = 1.f / std::sqrt(centered_square_sum(s, n, mu) / static_cast<float>(n) + eps);
+      if (mean) mean[r] = mu;
+      rstd[r] = inv;
+      normalize_row(scratch, s, n, mu, inv, w.data(), b.data());
+      store_row(y_data + r * n, scratch, n);
     }
   });
 }
@@ -124,41 +145,26 @@ void rms_norm_forward(const at::Tensor& x, const c10::optional<at::Tensor>& resi
 //   dweight = sum_rows dy * xhat,  dbias = sum_rows dy.
 template <typename T>
 void norm_backward(const at::Tensor& dy, const at::Tensor& s, const c10::optional<at::Tensor>& weight,
-                   const float* mean, const float* rstd, bool centered, at::Tensor& ds, float* dweight_parts,
-                   float* dbias_parts, int64_t chunks) {
+                   const float* mean, const float* rstd, at::Tensor& ds, float* dweight_parts, float* dbias_parts,
+                   int64_t chunks) {
   const int64_t rows = s.size(0), n = s.size(1);
-  const T* w = data_or_null<T>(weight);
-  const int64_t ws = weight.has_value() ? weight->stride(0) : 0;
-  const T* dy_data = dy.const_data_ptr<T>();
-  const T* s_data = s.const_data_ptr<T>();
+  const std::vector<float> w = param_as_float<T>(weight, n, 1.f);
   T* ds_data = ds.data_ptr<T>();
   const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
   parallel_tasks(chunks, 3 * n, [&](int64_t chunk, float* buffer) {
     float* xhat = buffer;
-    float* g = buffer + n;
-    float* dyr = buffer + 2 * n;
+    float* dyr = buffer + n;
+    float* out = buffer + 2 * n;
     float* dweight = dweight_parts ? dweight_parts + chunk * n : nullptr;
     float* dbias = dbias_parts ? dbias_parts + chunk * n : nullptr;
-    if (dweight) std::fill(dweight, dweight + n, 0.f);
-    if (dbias) std::fill(dbias, dbias + n, 0.f);
     const int64_t end = std::min(rows, (chunk + 1) * rows_per_chunk);
     for (int64_t r = chunk * rows_per_chunk; r < end; ++r) {
-      const T* dy_row = dy_data + r * dy.stride(0);
-      const T* s_row = s_data + r * s.stride(0);
-      const float mu = centered ? mean[r] : 0.f, inv = rstd[r];
-      for (int64_t c = 0; c < n; ++c) {
-        dyr[c] = static_cast<float>(dy_row[c * dy.stride(1)]);
-        xhat[c] = (static_cast<float>(s_row[c * s.stride(1)]) - mu) * inv;
-        g[c] = w ? dyr[c] * static_cast<float>(w[c * ws]) : dyr[c];
-      }
-      const float mean_gx = row_dot(g, xhat, n) / static_cast<float>(n);
-      const float mean_g = centered ? row_sum(g, n) / static_cast<float>(n) : 0.f;
-      T* out = ds_data + r * n;
-      for (int64_t c = 0; c < n; ++c) out[c] = static_cast<T>(inv * (g[c] - mean_g - xhat[c] * mean_gx));
-      if (dweight)
-        for (int64_t c = 0; c < n; ++c) dweight[c] += dyr[c] * xhat[c];
-      if (dbias)
-        for (int64_t c = 0; c < n; ++c) dbias[c] += dyr[c];
+      load_row(dyr, dy.const_data_ptr<T>() + r * dy.stride(0), n, dy.stride(1));
+      load_row(xhat, s.const_data_ptr<T>() + r * s.stride(0), n, s.stride(1));
+      norm_grad_row(out, xhat, dyr, w.data(), n, mean ? mean[r] : 0.f, rstd[r], mean != nullptr);
+      store_row(ds_data + r * n, out, n);
+      if (dweight) accumulate_product(dweight, dyr, xhat, n);
+      if (dbias) add_rows(dbias, dyr, n);
     }
   });
 }
@@ -196,7 +202,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const 
     return {y, residual_out, mean, rstd};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastattn_layer_norm_fwd", [&] {
-    layer_norm_forward<scalar_t>(x, residual, weight, bias, static_cast<float>(eps), y, residual_out, mean, rstd);
+    norm_forward<scalar_t>(x, residual, weight, bias, static_cast<float>(eps), true, y, residual_out,
+                           mean.data_ptr<float>(), rstd.data_ptr<float>());
   });
   return {y, residual_out, mean, rstd};
 }
@@ -218,8 +225,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
     float* dweight_parts = weight.has_value() ? parts[0].data_ptr<float>() : nullptr;
     float* dbias_parts = has_bias ? parts[1].data_ptr<float>() : nullptr;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "fastattn_layer_norm_bwd", [&] {
-      norm_backward<scalar_t>(dy, s, weight, mean_c.const_data_ptr<float>(), rstd_c.const_data_ptr<float>(), true,
-                              ds, dweight_parts, dbias_parts, chunks);
+      norm_backward<scalar_t>(dy, s, weight, mean_c.const_data_ptr<float>(), rstd_c.const_data_ptr<float>(), ds,
+                              dweight_parts, dbias_parts, chunks);
     });
   }
   return {ds, reduce_parts(parts[0], weight.has_value(), s), reduce_parts(parts[1], has_bias, s)};
@@ -238,7 +245,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
     return {y, residual_out, rstd};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastattn_rms_norm_fwd", [&] {
-    rms_norm_forward<scalar_t>(x, residual, weight, static_cast<float>(eps), y, residual_out, rstd);
+    norm_forward<scalar_t>(x, residual, weight, c10::nullopt, static_cast<float>(eps), false, y, residual_out,
+                           nullptr, rstd.data_ptr<float>());
   });
   return {y, residual_out, rstd};
 }
@@ -255,8 +263,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
     const at::Tensor rstd_c = rstd.contiguous();
     float* dweight_parts = weight.has_value() ? parts.data_ptr<float>() : nullptr;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "fastattn_rms_norm_bwd", [&] {
-      norm_backward<scalar_t>(dy, s, weight, nullptr, rstd_c.const_data_ptr<float>(), false, ds, dweight_parts,
-                              nullptr, chunks);
+      norm_backward<scalar_t>(dy, s, weight, nullptr, rstd_c.const_data_ptr<float>(), ds, dweight_parts, nullptr,
+                              chunks);
     });
   }
   return {ds, reduce_parts(parts, weight.has_value(), s)};

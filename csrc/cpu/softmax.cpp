@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "simd.h"
 
 namespace fastattn::cpu {
 namespace {
@@ -16,13 +17,14 @@ namespace {
 // Rows per parallel chunk: about 32K elements each, so short rows are not one task apiece.
 int64_t grain_rows(int64_t row_len) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_len, 1)); }
 
-template <typename T>
-void gather_row(float* dst, const T* src, int64_t n, int64_t stride) {
-  if (stride == 1) {
-    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-  } else {
-    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j * stride]);
-  }
+// d log_softmax of one row: dx = scale * (dy - exp(y) * sum(dy)); an entry with y = -inf (masked)
+// does not depend on x, so its gradient is 0. g holds dy on entry and dx on return.
+FASTATTN_CLONES void log_softmax_grad_row(float* g, const float* y, int64_t n, float scale) {
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < n; ++j) total += g[j];
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) g[j] = y[j] == -kInf ? 0.f : scale * (g[j] - simd::exp(y[j]) * total);
 }
 
 // Applies a mask row (any dtype, strided) to the scaled scores s.
@@ -51,8 +53,8 @@ void softmax_rows(const at::Tensor& x, const at::Tensor* mask, float scale, bool
     std::vector<float> buffer(static_cast<size_t>(2 * n));  // the scores, and their exp for log
     float* s = buffer.data();
     for (int64_t row = begin; row < end; ++row) {
-      gather_row(s, x_data + x_rows(row), n, x_stride);
-      scale_row(s, n, scale);
+      load_row(s, x_data + x_rows(row), n, x_stride);
+      if (scale != 1.f) scale_row(s, n, scale);
       if (is_causal) {
         const int64_t visible = std::min(n, row % rows_per_matrix + 1);
         std::fill(s + visible, s + n, -kInf);
@@ -70,8 +72,8 @@ void softmax_rows(const at::Tensor& x, const at::Tensor* mask, float scale, bool
         const float shift = m + std::log(exp_shift_sum(e, n, m));
         for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(s[j] - shift);
       } else {
-        const float inv = 1.f / exp_shift_sum(s, n, m);
-        for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(s[j] * inv);
+        scale_row(s, n, 1.f / exp_shift_sum(s, n, m));
+        store_row(out, s, n);
       }
     }
   });
@@ -91,18 +93,15 @@ void softmax_backward_rows(const at::Tensor& dy, const at::Tensor& y, float scal
     float* g = buffer.data();
     float* p = g + n;
     for (int64_t row = begin; row < end; ++row) {
-      gather_row(g, dy_data + dy_rows(row), n, dy_stride);
-      gather_row(p, y_data + y_rows(row), n, y_stride);
-      T* out = dx_data + row * n;
+      load_row(g, dy_data + dy_rows(row), n, dy_stride);
+      load_row(p, y_data + y_rows(row), n, y_stride);
       if (log) {
-        // d log_softmax: dx = dy - softmax * sum(dy); a masked entry (-inf) does not depend on x.
-        const float total = row_sum(g, n);
-        for (int64_t j = 0; j < n; ++j)
-          out[j] = static_cast<T>(p[j] == -kInf ? 0.f : scale * (g[j] - std::exp(p[j]) * total));
+        log_softmax_grad_row(g, p, n, scale);
       } else {
         softmax_grad_row(g, p, n, row_dot(g, p, n));  // y * (dy - sum(dy * y))
-        for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(scale * g[j]);
+        if (scale != 1.f) scale_row(g, n, scale);
       }
+      store_row(dx_data + row * n, g, n);
     }
   });
 }

@@ -1,8 +1,7 @@
 // Row primitives of the CPU kernels and the helpers declared in common.h.
 //
-// The loops are plain C++ that GCC vectorises (omp simd); on x86-64 each is cloned for AVX2+FMA and
-// for the baseline ISA and the best clone is picked when the library loads, so the extension runs on
-// any x86-64 CPU without -march flags. exp is a polynomial (no libm call) so that it vectorises.
+// The loops are plain C++ that GCC vectorises (omp simd); FASTATTN_CLONES (simd.h) builds each for
+// AVX2+FMA and for the baseline ISA. exp is simd::exp, a polynomial (no libm call) that vectorises.
 #include <ATen/ops/addmm_cpu_dispatch.h>
 
 #include <cmath>
@@ -10,42 +9,11 @@
 #include <cstring>
 
 #include "common.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FASTATTN_CLONES __attribute__((target_clones("default", "arch=x86-64-v3")))
-#else
-#define FASTATTN_CLONES
-#endif
+#include "simd.h"
 
 namespace fastattn::cpu {
-namespace {
 
-// exp(x) = 2^n * exp(r) with n = round(x / ln 2) and |r| <= ln(2) / 2; a degree-7 Taylor polynomial
-// gives exp(r) within 1e-7 relative. Below ln(FLT_MIN) the result is 0 (so exp(-inf) = 0).
-inline float fast_exp(float x) {
-  constexpr float kLo = -87.33654f, kHi = 88.37626f;
-  const float xc = std::min(std::max(x, kLo), kHi);
-  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
-  float r = xc - n * 0.693145751953125f;                                    // Cody-Waite: ln 2 in two parts
-  r = r - n * 1.428606765330187045e-06f;
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  const float value = p * two_n;
-  return x < kLo ? 0.f : value;
-}
-
-}  // namespace
-
-float exp_scalar(float x) { return fast_exp(x); }
+float exp_scalar(float x) { return simd::exp(x); }
 
 FASTATTN_CLONES float row_max(const float* x, int64_t n) {
   float m = -kInf;
@@ -58,7 +26,7 @@ FASTATTN_CLONES float exp_shift_sum(float* x, int64_t n, float shift) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
-    const float e = fast_exp(x[i] - shift);
+    const float e = simd::exp(x[i] - shift);
     x[i] = e;
     sum += e;
   }
@@ -67,7 +35,7 @@ FASTATTN_CLONES float exp_shift_sum(float* x, int64_t n, float shift) {
 
 FASTATTN_CLONES void exp_shift(float* x, int64_t n, float shift) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) x[i] = fast_exp(x[i] - shift);
+  for (int64_t i = 0; i < n; ++i) x[i] = simd::exp(x[i] - shift);
 }
 
 FASTATTN_CLONES void scale_row(float* x, int64_t n, float factor) {
