@@ -42,6 +42,11 @@ FASTATTN_CLONES void add_rows(float* acc, const float* x, int64_t n) {
   for (int64_t c = 0; c < n; ++c) acc[c] += x[c];
 }
 
+FASTATTN_CLONES void sum_rows(float* out, const float* a, const float* b, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) out[c] = a[c] + b[c];
+}
+
 FASTATTN_CLONES void accumulate_product(float* acc, const float* a, const float* b, int64_t n) {
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) acc[c] += a[c] * b[c];
@@ -71,13 +76,13 @@ FASTATTN_CLONES void normalize_row(float* y, const float* s, int64_t n, float mu
   for (int64_t c = 0; c < n; ++c) y[c] = (s[c] - mu) * inv * w[c] + b[c];
 }
 
-// ds of one row (see norm_backward); xhat holds s on entry and xhat on return.
-FASTATTN_CLONES void norm_grad_row(float* ds, float* xhat, const float* dy, const float* w, int64_t n, float mu,
-                                   float inv, bool centered) {
+// ds of one row (see norm_backward), and xhat = (s - mu) * inv into xhat (which may alias s).
+FASTATTN_CLONES void norm_grad_row(float* ds, float* xhat, const float* s, const float* dy, const float* w, int64_t n,
+                                   float mu, float inv, bool centered) {
   float sum_gx = 0.f, sum_g = 0.f;
 #pragma omp simd reduction(+ : sum_gx, sum_g)
   for (int64_t c = 0; c < n; ++c) {
-    xhat[c] = (xhat[c] - mu) * inv;
+    xhat[c] = (s[c] - mu) * inv;
     ds[c] = dy[c] * w[c];  // g, kept rounded so that g - mean(g) is exactly 0 where g is constant
     sum_gx += ds[c] * xhat[c];
     sum_g += ds[c];
@@ -124,18 +129,34 @@ void norm_forward(const at::Tensor& x, const c10::optional<at::Tensor>& residual
   const std::vector<float> w = param_as_float<T>(weight, n, 1.f), b = param_as_float<T>(bias, n, 0.f);
   T* res_out = residual.has_value() ? residual_out.data_ptr<T>() : nullptr;
   T* y_data = y.data_ptr<T>();
+  // float32 rows with unit stride are read and written in place; other layouts and dtypes go
+  // through float32 row buffers.
+  const bool in_place = std::is_same_v<T, float> && x.stride(1) == 1 && (!residual || residual->stride(1) == 1);
   at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(static_cast<size_t>(2 * n));
-    float* s = buffer.data();
-    float* scratch = s + n;
+    std::vector<float> buffer(in_place ? 0 : static_cast<size_t>(2 * n));
     for (int64_t r = begin; r < end; ++r) {
-      load_sum_row(s, scratch, x, residual, res_out, r);
+      const float* s = nullptr;
+      float* y_row = nullptr;
+      if constexpr (std::is_same_v<T, float>) {
+        if (in_place) {
+          const float* x_row = x.const_data_ptr<float>() + r * x.stride(0);
+          if (residual.has_value()) {
+            sum_rows(res_out + r * n, x_row, residual->const_data_ptr<float>() + r * residual->stride(0), n);
+            x_row = res_out + r * n;
+          }
+          s = x_row, y_row = y_data + r * n;
+        }
+      }
+      if (!in_place) {
+        load_sum_row(buffer.data(), buffer.data() + n, x, residual, res_out, r);
+        s = buffer.data(), y_row = buffer.data() + n;
+      }
       const float mu = centered ? shifted_mean(s, n) : 0.f;
       const float inv = 1.f / std::sqrt(centered_square_sum(s, n, mu) / static_cast<float>(n) + eps);
       if (mean) mean[r] = mu;
       rstd[r] = inv;
-      normalize_row(scratch, s, n, mu, inv, w.data(), b.data());
-      store_row(y_data + r * n, scratch, n);
+      normalize_row(y_row, s, n, mu, inv, w.data(), b.data());
+      if (!in_place) store_row(y_data + r * n, y_row, n);
     }
   });
 }
@@ -151,6 +172,7 @@ void norm_backward(const at::Tensor& dy, const at::Tensor& s, const c10::optiona
   const std::vector<float> w = param_as_float<T>(weight, n, 1.f);
   T* ds_data = ds.data_ptr<T>();
   const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+  const bool in_place = std::is_same_v<T, float> && dy.stride(1) == 1 && s.stride(1) == 1;
   parallel_tasks(chunks, 3 * n, [&](int64_t chunk, float* buffer) {
     float* xhat = buffer;
     float* dyr = buffer + n;
@@ -159,12 +181,23 @@ void norm_backward(const at::Tensor& dy, const at::Tensor& s, const c10::optiona
     float* dbias = dbias_parts ? dbias_parts + chunk * n : nullptr;
     const int64_t end = std::min(rows, (chunk + 1) * rows_per_chunk);
     for (int64_t r = chunk * rows_per_chunk; r < end; ++r) {
-      load_row(dyr, dy.const_data_ptr<T>() + r * dy.stride(0), n, dy.stride(1));
-      load_row(xhat, s.const_data_ptr<T>() + r * s.stride(0), n, s.stride(1));
-      norm_grad_row(out, xhat, dyr, w.data(), n, mean ? mean[r] : 0.f, rstd[r], mean != nullptr);
-      store_row(ds_data + r * n, out, n);
-      if (dweight) accumulate_product(dweight, dyr, xhat, n);
-      if (dbias) add_rows(dbias, dyr, n);
+      const float *dy_row = dyr, *s_row = xhat;
+      float* ds_row = out;
+      if constexpr (std::is_same_v<T, float>) {
+        if (in_place) {
+          dy_row = dy.const_data_ptr<float>() + r * dy.stride(0);
+          s_row = s.const_data_ptr<float>() + r * s.stride(0);
+          ds_row = ds_data + r * n;
+        }
+      }
+      if (!in_place) {
+        load_row(dyr, dy.const_data_ptr<T>() + r * dy.stride(0), n, dy.stride(1));
+        load_row(xhat, s.const_data_ptr<T>() + r * s.stride(0), n, s.stride(1));
+      }
+      norm_grad_row(ds_row, xhat, s_row, dy_row, w.data(), n, mean ? mean[r] : 0.f, rstd[r], mean != nullptr);
+      if (!in_place) store_row(ds_data + r * n, out, n);
+      if (dweight) accumulate_product(dweight, dy_row, xhat, n);
+      if (dbias) add_rows(dbias, dy_row, n);
     }
   });
 }
