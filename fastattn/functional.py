@@ -69,7 +69,6 @@ def _check_mask(name: str, mask, target_shape, device) -> None:
     if mask.device != device:
         raise ValueError(f"{name} is on {mask.device} but the inputs are on {device}")
     try:
-        torch.broadcast_shapes(mask.shape, target_shape)
         ok = len(mask.shape) <= len(target_shape) and torch.broadcast_shapes(mask.shape, target_shape) == target_shape
     except RuntimeError:
         ok = False

@@ -53,3 +53,16 @@ def backend_params(*names):
             marks.append(pytest.mark.gpu)
         params.append(pytest.param(name, marks=marks, id=name))
     return params
+
+
+def gpu_time_ms(fn, reps=20):
+    """Mean milliseconds of one ``fn()`` on the GPU, timed with CUDA events after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps

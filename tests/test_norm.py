@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, assert_rule, backend_params
+from helpers import DEVICE, assert_rule, backend_params, gpu_time_ms
 
 import fastattn
 from fastattn import dispatch
@@ -338,18 +338,6 @@ def test_gpu_many_rows(op):
     check("triton", lambda x, w, b, r: norm(op, x, (4096,), w, b, r), x, w, b, r)
 
 
-def _gpu_ms(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("shape", [(16384, 4096), (4096, 16384), (256, 65536)])
@@ -368,10 +356,10 @@ def test_gpu_bandwidth_sanity(op, shape):
     outs = fwd_op(*fwd_args)
     mean, rstd = (outs[2], outs[3]) if op == "layer_norm" else (outs[2], outs[2])
     dy = torch.randn_like(x)
-    fwd = _gpu_ms(lambda: fwd_op(*fwd_args))
-    bwd = _gpu_ms(lambda: triton_norm._norm_bwd(dy, dy, outs[1], w, mean, rstd, True, b is not None,
+    fwd = gpu_time_ms(lambda: fwd_op(*fwd_args))
+    bwd = gpu_time_ms(lambda: triton_norm._norm_bwd(dy, dy, outs[1], w, mean, rstd, True, b is not None,
                                                  op == "rms_norm"))
-    copy = _gpu_ms(lambda: x.clone())
+    copy = gpu_time_ms(lambda: x.clone())
     gbps = lambda ms, passes: passes * x.numel() * x.element_size() / ms / 1e6  # noqa: E731
     fwd_gbps = gbps(fwd, 6 if n > triton_norm.MAX_FUSED_N else 4)
     bwd_gbps = gbps(bwd, 6 if n > triton_norm.MAX_FUSED_N_BWD else 4)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, assert_rule, backend_params
+from helpers import DEVICE, assert_rule, backend_params, gpu_time_ms
 
 import fastattn
 from fastattn import dispatch
@@ -406,18 +406,6 @@ def test_gpu_large_batch_against_oracle():
           keep)
 
 
-def _gpu_ms(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(16384, 4096), (4096, 32768), (64, 1_048_576)])
 def test_gpu_bandwidth_sanity(shape):
@@ -431,9 +419,9 @@ def test_gpu_bandwidth_sanity(shape):
     long_rows = shape[-1] > triton_softmax.MAX_FUSED_N
     with fastattn.use_backend("triton"):
         y = fastattn.softmax(x)
-        fwd = _gpu_ms(lambda: fastattn.softmax(x))
-        bwd = _gpu_ms(lambda: triton_softmax._softmax_bwd_op(dy, y, 1.0, False))
-    copy = _gpu_ms(lambda: x.clone())  # reads and writes one tensor
+        fwd = gpu_time_ms(lambda: fastattn.softmax(x))
+        bwd = gpu_time_ms(lambda: triton_softmax._softmax_bwd_op(dy, y, 1.0, False))
+    copy = gpu_time_ms(lambda: x.clone())  # reads and writes one tensor
     gbps = lambda ms, passes: passes * x.numel() * x.element_size() / ms / 1e6  # noqa: E731
     fwd_gbps, bwd_gbps, copy_gbps = gbps(fwd, 3 if long_rows else 2), gbps(bwd, 5 if long_rows else 3), gbps(copy, 2)
     print(f"softmax {shape}: fwd {fwd_gbps:.0f} GB/s, bwd {bwd_gbps:.0f} GB/s, copy {copy_gbps:.0f} GB/s")
