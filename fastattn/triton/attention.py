@@ -76,6 +76,15 @@ def _dot(a, b, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _dot_acc(a, b, acc, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a·b, written as the dot's accumulator operand (the wgmma accumulates in place)."""
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _load_tile(
     base,
     start,
@@ -172,17 +181,26 @@ def _mask_scores(
 
 
 @triton.jit
-def _key_block_ranges(start_m, n_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """For query rows [start_m, start_m + BLOCK_M): keys [0, full_end) need no element mask, keys
-    [full_end, end) do (diagonal blocks, ragged last block); keys >= end are never visited."""
+def _key_block_ranges(
+    start_m, n_k, qk_scale2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+):
+    """For query rows [start_m, start_m + BLOCK_M): the key blocks below edge_start need no element
+    mask; those in [edge_start, end) do (diagonal blocks, the ragged last block, every block when an
+    attn_mask is given or the scale is negative); keys >= end are never visited."""
     if IS_CAUSAL:
         end = tl.minimum(n_k, start_m + BLOCK_M)
         # every key below start_m is visible to every row of the block
-        full_end = (tl.minimum(start_m, n_k) // BLOCK_N) * BLOCK_N
+        edge_start = (tl.minimum(start_m, n_k) // BLOCK_N) * BLOCK_N
     else:
         end = n_k
-        full_end = (n_k // BLOCK_N) * BLOCK_N
-    return full_end, end
+        edge_start = (n_k // BLOCK_N) * BLOCK_N
+    if MASK_KIND != 0:
+        edge_start = 0
+    # the unmasked path takes the row max before scaling (max(qk)·scale), valid for scale >= 0 only
+    if qk_scale2 < 0:
+        edge_start = 0
+    return edge_start, end
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,8 +218,8 @@ def _fwd_key_blocks(
     v_base,
     mask_base,
     start_m,
-    lo,
-    hi,
+    edge_start,
+    end,
     bh,
     seed,
     dropout_p,
@@ -220,42 +238,54 @@ def _fwd_key_blocks(
     BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr,
     DROPOUT: tl.constexpr,
-    EDGE: tl.constexpr,
+    EVEN_K: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Online-softmax accumulation over the key blocks [lo, hi). EDGE: the blocks straddle the
-    diagonal or the end of the keys, so bounds and causal masks apply."""
+    """Online-softmax accumulation over the key blocks [0, end).
+
+    One loop, with a uniform runtime branch for the blocks from edge_start on (see
+    _key_block_ranges): two loops (full blocks, then edge blocks) make the accumulator of the
+    second loop's first wgmma come either from the first loop's wgmma or from its zero-trip path,
+    and ptxas then serialises every wgmma of the kernel (warning C7515). Unmasked blocks fold the
+    scale into the exponent's argument (one FFMA per score: qk·scale - m); masked ones scale first
+    so that -inf and additive masks apply to the scaled scores."""
     q_local = tl.arange(0, BLOCK_M)[:, None]
     q_idx = start_m + q_local
     k_local = tl.arange(0, BLOCK_N)[None, :]
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in range(0, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        k_t = _load_tile(k_base, start_n, stride_kn, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, EDGE, True)
-        s = _dot(q, k_t, UPCAST_DOT, DOT_PRECISION) * qk_scale2
+        k_t = _load_tile(k_base, start_n, stride_kn, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, not EVEN_K, True)
+        qk = _dot(q, k_t, UPCAST_DOT, DOT_PRECISION)
         k_idx = start_n + k_local
-        s = _mask_scores(
-            s, q_idx, k_idx, start_m, start_n, mask_base, stride_mm, stride_mn, n_q, n_k, q_local, k_local,
-            MASK_KIND, EDGE, IS_CAUSAL, EDGE,
-        )
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
+        if start_n >= edge_start:
+            s = _mask_scores(
+                qk * qk_scale2, q_idx, k_idx, start_m, start_n, mask_base, stride_mm, stride_mn, n_q, n_k,
+                q_local, k_local, MASK_KIND, not EVEN_K, IS_CAUSAL, True,
+            )
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s - m_safe[:, None]
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale2)
+            m_safe = m_new
+            s = qk * qk_scale2 - m_new[:, None]
+        p = tl.math.exp2(s)
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
             # the normaliser l sums the undropped weights; dropout zeroes weights after softmax
             p = tl.where(_dropout_keep(seed, bh, q_idx, k_idx, dropout_p), p, 0.0)
-        v = _load_tile(v_base, start_n, stride_vn, n_k, BLOCK_N, BLOCK_DV, HEAD_DIM_V, EDGE, False)
-        acc += _dot(p.to(v.dtype), v, UPCAST_DOT, DOT_PRECISION)
+        v = _load_tile(v_base, start_n, stride_vn, n_k, BLOCK_N, BLOCK_DV, HEAD_DIM_V, not EVEN_K, False)
+        acc = _dot_acc(p.to(v.dtype), v, acc, UPCAST_DOT, DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "n_q_bucket", "n_k_bucket"])
 def _attn_fwd_kernel(
     Q,
     K,
@@ -286,6 +316,8 @@ def _attn_fwd_kernel(
     qk_scale2,
     dropout_p,
     seed,
+    n_q_bucket,
+    n_k_bucket,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -293,11 +325,13 @@ def _attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
     DROPOUT: tl.constexpr,
+    EVEN_K: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # n_q_bucket/n_k_bucket: unused by the code, they are the autotuning key (see _tuned).
     # 1-D grid, query blocks fastest: neighbouring programs share one head's K/V in L2, and the grid
     # has no 65535 limit on B·H. Causal: the longest rows (most key blocks) start first.
     pid = tl.program_id(0)
@@ -321,18 +355,12 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    full_end, end = _key_block_ranges(start_m, n_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    edge_start, end = _key_block_ranges(start_m, n_k, qk_scale2, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_KIND)
     acc, l_i, m_i = _fwd_key_blocks(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, 0, full_end, bh, seed, dropout_p, qk_scale2,
+        acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, edge_start, end, bh, seed, dropout_p, qk_scale2,
         n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
-        False, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
-    )
-    acc, l_i, m_i = _fwd_key_blocks(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, full_end, end, bh, seed, dropout_p, qk_scale2,
-        n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
-        True, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
+        EVEN_K, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
     )
 
     # fully masked rows: l = 0, acc = 0 -> output 0 and lse = +inf
@@ -462,7 +490,7 @@ def _dkdv_query_blocks(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "n_q_bucket", "n_k_bucket"])
 def _attn_bwd_dkdv_kernel(
     Q,
     K,
@@ -498,6 +526,8 @@ def _attn_bwd_dkdv_kernel(
     qk_scale2,
     dropout_p,
     seed,
+    n_q_bucket,
+    n_k_bucket,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -505,6 +535,7 @@ def _attn_bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
     DROPOUT: tl.constexpr,
+    EVEN_K: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -569,8 +600,8 @@ def _dq_key_blocks(
     v_base,
     mask_base,
     start_m,
-    lo,
-    hi,
+    edge_start,
+    end,
     bh,
     seed,
     dropout_p,
@@ -589,36 +620,40 @@ def _dq_key_blocks(
     BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr,
     DROPOUT: tl.constexpr,
-    EDGE: tl.constexpr,
+    EVEN_K: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dQ accumulation of query rows [start_m, start_m + BLOCK_M) over the key blocks [lo, hi)."""
+    """dQ accumulation of query rows [start_m, start_m + BLOCK_M) over the key blocks [0, end): one
+    loop with a runtime branch for the masked blocks, as in _fwd_key_blocks (and for its reason)."""
     q_local = tl.arange(0, BLOCK_M)[:, None]
     q_idx = start_m + q_local
     k_local = tl.arange(0, BLOCK_N)[None, :]
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in range(0, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k_idx = start_n + k_local
-        k_t = _load_tile(k_base, start_n, stride_kn, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, EDGE, True)
-        v_t = _load_tile(v_base, start_n, stride_vn, n_k, BLOCK_N, BLOCK_DV, HEAD_DIM_V, EDGE, True)
-        s = _dot(q, k_t, UPCAST_DOT, DOT_PRECISION) * qk_scale2
-        s = _mask_scores(
-            s, q_idx, k_idx, start_m, start_n, mask_base, stride_mm, stride_mn, n_q, n_k, q_local, k_local,
-            MASK_KIND, EDGE, IS_CAUSAL, EDGE,
-        )
-        p = tl.math.exp2(s - lse2[:, None])
+        k_t = _load_tile(k_base, start_n, stride_kn, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, not EVEN_K, True)
+        v_t = _load_tile(v_base, start_n, stride_vn, n_k, BLOCK_N, BLOCK_DV, HEAD_DIM_V, not EVEN_K, True)
+        qk = _dot(q, k_t, UPCAST_DOT, DOT_PRECISION)
+        if start_n >= edge_start:
+            s = _mask_scores(
+                qk * qk_scale2, q_idx, k_idx, start_m, start_n, mask_base, stride_mm, stride_mn, n_q, n_k,
+                q_local, k_local, MASK_KIND, not EVEN_K, IS_CAUSAL, True,
+            )
+            p = tl.math.exp2(s - lse2[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale2 - lse2[:, None])
         dp = _dot(do, v_t, UPCAST_DOT, DOT_PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, q_idx, k_idx, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k_t.dtype), tl.trans(k_t), UPCAST_DOT, DOT_PRECISION)
+        dq = _dot_acc(ds.to(k_t.dtype), tl.trans(k_t), dq, UPCAST_DOT, DOT_PRECISION)
     return dq
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "n_q_bucket", "n_k_bucket"])
 def _attn_bwd_dq_kernel(
     Q,
     K,
@@ -652,6 +687,8 @@ def _attn_bwd_dq_kernel(
     qk_scale2,
     dropout_p,
     seed,
+    n_q_bucket,
+    n_k_bucket,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -659,6 +696,7 @@ def _attn_bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
     DROPOUT: tl.constexpr,
+    EVEN_K: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -692,18 +730,12 @@ def _attn_bwd_dq_kernel(
     mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    full_end, end = _key_block_ranges(start_m, n_k, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    edge_start, end = _key_block_ranges(start_m, n_k, qk_scale2, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_KIND)
     dq = _dq_key_blocks(
-        dq, q, do, lse2, delta, k_base, v_base, mask_base, start_m, 0, full_end, bh, seed, dropout_p, qk_scale2,
-        n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
+        dq, q, do, lse2, delta, k_base, v_base, mask_base, start_m, edge_start, end, bh, seed, dropout_p,
+        qk_scale2, n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
-        False, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
-    )
-    dq = _dq_key_blocks(
-        dq, q, do, lse2, delta, k_base, v_base, mask_base, start_m, full_end, end, bh, seed, dropout_p, qk_scale2,
-        n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
-        True, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
+        EVEN_K, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
     )
 
     # dQ is written contiguous (B, Hq, Nq, D)
@@ -761,21 +793,23 @@ def _stages(block_d: int) -> tuple[int, ...]:
     return (1, 2)
 
 
-def _candidates(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_bytes: int):
-    """(BLOCK_M, BLOCK_N, warps, stages) tuples for A100/H100, pruned by head dim, causal and the
-    device's shared memory (pipelined K/V or Q/dO tiles plus the resident tile).
+def _candidates(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_bytes: int, smem_limit: int | None = None):
+    """(BLOCK_M, BLOCK_N, warps, stages) tuples for A100/H100, pruned by head dim and causal.
 
-    The lists come from compiling (no GPU run) every fp16 candidate for sm_90 with Triton 3.9, and
-    the dK/dV ones and the defaults also with Triton 3.6 for sm_80 and sm_90, reading ptxas'
-    register and spill counts: blocks that spilled at a head width are left out. Which of the rest
-    is fastest is the autotuner's call; no timing on a GPU has ranked them yet."""
+    The lists come from compiling every candidate for sm_80 and sm_90a with Triton 3.6 and 3.9 and
+    reading ptxas' report (``make check-sass``, table in benchmarks/results/static/): blocks that
+    spill at a head width are left out. Shared memory: a candidate is dropped here only when its
+    pipelined tiles alone exceed the device's limit (``smem_limit``, default the current GPU's), a
+    lower bound of what it needs; whether one that passes fits is decided by its compiled size (Triton
+    raises OutOfResources for a compiled kernel over the limit, and the autotuner skips it).
+    d128 128x128 at 3 stages compiles to 224 KiB and fits the H100/H200's 227 KiB, so an estimate
+    with a safety margin (as here before) wrongly dropped the tutorial's best configuration.
+    Which of the rest is fastest is the autotuner's call."""
     wide = max(block_d, block_dv) > 128
     if kind == "fwd":
         blocks = [(128, 128), (128, 64), (128, 32), (64, 64), (64, 32)]
         if wide:  # 256-wide heads: the K/V tiles and the accumulator must stay small
             blocks = [(128, 64), (128, 32), (64, 64), (64, 32)]
-        if is_causal:  # a block straddling the diagonal wastes ~half its area: no 128x128 tiles
-            blocks = [(m, n) for m, n in blocks if m * n < 128 * 128]
     elif kind == "dkdv":  # (BLOCK_M, BLOCK_N): keys resident, queries streamed
         # 64-row query tiles spill (dK, dV, K and V all stay resident)
         blocks = [(32, 128), (32, 64), (16, 128)]
@@ -785,7 +819,7 @@ def _candidates(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_by
         blocks = [(128, 64), (128, 32), (64, 64), (64, 32)]
         if wide:
             blocks = [(64, 64), (64, 32), (32, 32)]
-    limit = _shared_memory_limit()
+    limit = _shared_memory_limit() if smem_limit is None else smem_limit
     out = []
     for block_m, block_n in blocks:
         qk_v = block_d + block_dv
@@ -796,11 +830,9 @@ def _candidates(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_by
         else:  # Q/dO resident, K/V streamed, dQ accumulated
             resident, streamed, acc = block_m * qk_v, block_n * qk_v, block_m * block_d
         warps = 8 if wide else _warps(max(acc, block_m * block_n))
-        # layout conversions of the fp32 score tile take scratch on top of the pipelined buffers
-        # (checked against the compiled kernels' shared memory, Triton 3.6/3.9, sm_80/sm_90)
-        scratch = block_m * block_n * (8 if elem_bytes == 4 else 4) + 1024
         for stages in _stages(max(block_d, block_dv)):
-            if limit and (resident + stages * streamed) * elem_bytes + scratch > limit:
+            # Triton's pipeliner keeps stages - 1 tiles in flight next to the one being consumed
+            if limit and (resident + stages * streamed) * elem_bytes > limit:
                 continue
             out.append((block_m, block_n, warps, stages))
     return out
@@ -810,28 +842,60 @@ def _candidates(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_by
 # to 128 wide and above, at 2 stages.
 _DEFAULT_BLOCKS = {"fwd": ((128, 64), (64, 64)), "dkdv": ((32, 64), (32, 32)), "dq": ((128, 32), (64, 32))}
 
+# Decode-shaped forward calls (a few query rows over a KV cache whose length grows by one per token)
+# run one fixed configuration: autotuning them would re-tune at every new cache length. 16 query rows
+# is the smallest tile tl.dot takes; 64-key blocks keep the K/V stream pipelined.
+DECODE_MAX_QUERIES = 16
+_DECODE_CONFIG = (16, 64, 4, 2)
+
+# Autotuning keys: the sequence lengths are bucketed (next power of two) so a new length re-tunes only
+# when it crosses a bucket, plus everything that changes the compiled kernel.
+_TUNING_KEY = ["n_q_bucket", "n_k_bucket", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "DROPOUT", "EVEN_K"]
+
+
+def length_bucket(n):
+    """The autotuning key of a sequence length: the next power of two (at least 16). Symbolic sizes
+    (torch.compile with dynamic shapes) get a linear bucket of 256, which Inductor can compute."""
+    if isinstance(n, int):
+        return max(16, triton.next_power_of_2(n))
+    return (n + 255) // 256 * 256
+
+
+def _kernel_configs(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_bytes: int):
+    """(BLOCK_M, BLOCK_N, warps, stages) tuples the kernel of ``kind`` is launched with."""
+    if _INTERPRETING:
+        block_m, block_n = _INTERPRETER_BLOCKS["fwd" if kind == "decode" else kind]
+        return [(block_m, block_n, 4, 1)]
+    if kind == "decode":
+        return [_DECODE_CONFIG]
+    candidates = _candidates(kind, block_d, block_dv, is_causal, elem_bytes)
+    if not _autotuning():
+        narrow, wide = _DEFAULT_BLOCKS[kind]
+        blocks = wide if max(block_d, block_dv) > 128 else narrow
+        chosen = [c for c in candidates if c[:2] == blocks and c[3] <= 2]
+        candidates = chosen[-1:] or candidates[-1:]
+    return candidates
+
 
 @functools.cache
 def _tuned(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_bytes: int):
-    """The kernel of ``kind`` wrapped in an Autotuner over its pruned configs (one config when not
-    autotuning; Triton does not benchmark a single config)."""
-    kernel = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
-    if _INTERPRETING:
-        block_m, block_n = _INTERPRETER_BLOCKS[kind]
-        configs = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)]
-    else:
-        candidates = _candidates(kind, block_d, block_dv, is_causal, elem_bytes)
-        if not _autotuning():
-            narrow, wide = _DEFAULT_BLOCKS[kind]
-            blocks = wide if max(block_d, block_dv) > 128 else narrow
-            chosen = [c for c in candidates if c[:2] == blocks and c[3] <= 2]
-            candidates = chosen[-1:] or candidates[-1:]
-        configs = [
-            triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-            for block_m, block_n, warps, stages in candidates
-        ]
-    key = ["n_q", "n_k", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "DROPOUT"]
-    return triton.autotune(configs=configs, key=key)(kernel)
+    """The kernel of ``kind`` ("fwd", "decode", "dkdv", "dq") wrapped in an Autotuner over its
+    configs (one config when not autotuning or decoding: Triton does not benchmark a single one)."""
+    kernel = {"fwd": _attn_fwd_kernel, "decode": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
+    configs = [
+        triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+        for block_m, block_n, warps, stages in _kernel_configs(kind, block_d, block_dv, is_causal, elem_bytes)
+    ]
+    return triton.autotune(configs=configs, key=_TUNING_KEY)(kernel)
+
+
+def tuned_kernels():
+    """{(kind, block_d, block_dv, is_causal, elem_bytes): Autotuner} of every kernel launched so far
+    (benchmarks read the chosen configs from each Autotuner's cache; tests count the tunings)."""
+    return {args: _tuned(*args) for args in _launched}
+
+
+_launched: set = set()
 
 
 # --------------------------------------------------------------------------------------------
@@ -855,10 +919,11 @@ def _mask_args(mask: torch.Tensor | None, like: torch.Tensor):
     return (1 if mask.dtype == torch.bool else 2), mask, tuple(mask.stride())
 
 
-def _meta(q, v, mask_kind, is_causal, dropout_p):
+def _meta(q, k, v, mask_kind, is_causal, dropout_p):
     """The kernels' compile-time arguments. Head dims become Python ints: under torch.compile with
     dynamic shapes they are specialised (they are constexprs of the kernels anyway)."""
     head_dim, head_dim_v = int(q.size(-1)), int(v.size(-1))
+    k_len = k.size(2)
     return {
         "HEAD_DIM": head_dim,
         "HEAD_DIM_V": head_dim_v,
@@ -867,13 +932,17 @@ def _meta(q, v, mask_kind, is_causal, dropout_p):
         "IS_CAUSAL": bool(is_causal),
         "MASK_KIND": mask_kind,
         "DROPOUT": dropout_p > 0.0,
+        # 128 is the largest BLOCK_N of any candidate: every key block is full, no bound checks
+        "EVEN_K": isinstance(k_len, int) and k_len % 128 == 0,
         "UPCAST_DOT": _INTERPRETING and q.dtype == torch.bfloat16,
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
     }
 
 
 def _tuned_for(kind, meta, q):
-    return _tuned(kind, meta["BLOCK_D"], meta["BLOCK_DV"], meta["IS_CAUSAL"], q.element_size())
+    args = (kind, meta["BLOCK_D"], meta["BLOCK_DV"], meta["IS_CAUSAL"], q.element_size())
+    _launched.add(args)
+    return _tuned(*args)
 
 
 @triton_op("fastattn_triton::attention_fwd", mutates_args=())
@@ -898,12 +967,14 @@ def attention_fwd(
         return out.zero_(), lse.fill_(float("inf"))
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
-    meta = _meta(q, v, mask_kind, is_causal, dropout_p)
+    meta = _meta(q, k, v, mask_kind, is_causal, dropout_p)
+    kind = "decode" if isinstance(n_q, int) and n_q <= DECODE_MAX_QUERIES else "fwd"
     grid = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]) * batch * heads_q,)  # noqa: E731
-    wrap_triton(_tuned_for("fwd", meta, q))[grid](
+    wrap_triton(_tuned_for(kind, meta, q))[grid](
         q, k, v, mask_arg, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
-        heads_q, heads_q // heads_kv, n_q, n_k, scale * LOG2E, dropout_p, seed, **meta,
+        heads_q, heads_q // heads_kv, n_q, n_k, scale * LOG2E, dropout_p, seed,
+        length_bucket(n_q), length_bucket(n_k), **meta,
     )
     return out, lse
 
@@ -936,8 +1007,9 @@ def attention_bwd(
         return dq.zero_(), dk.zero_(), dv.zero_()
     dout, q, k, v = (_unit_last_stride(t) for t in (dout, q, k, v))
     mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
-    meta = _meta(q, v, mask_kind, is_causal, dropout_p)
+    meta = _meta(q, k, v, mask_kind, is_causal, dropout_p)
     group_size = heads_q // heads_kv
+    buckets = (length_bucket(n_q), length_bucket(n_k))
 
     delta = empty(batch, heads_q, n_q, dtype=torch.float32, device=q.device)
     delta_block = 64 if _INTERPRETING else 128
@@ -950,13 +1022,13 @@ def attention_bwd(
         grid = lambda m: (triton.cdiv(n_k, m["BLOCK_N"]) * batch * heads_kv,)  # noqa: E731
         wrap_triton(_tuned_for("dkdv", meta, q))[grid](
             q, k, v, mask_arg, dout, lse, delta, dk, dv, *strides,
-            heads_q, heads_kv, group_size, n_q, n_k, scale, scale * LOG2E, dropout_p, seed, **meta,
+            heads_q, heads_kv, group_size, n_q, n_k, scale, scale * LOG2E, dropout_p, seed, *buckets, **meta,
         )
     if need_dq:
         grid = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]) * batch * heads_q,)  # noqa: E731
         wrap_triton(_tuned_for("dq", meta, q))[grid](
             q, k, v, mask_arg, dout, lse, delta, dq, *strides,
-            heads_q, group_size, n_q, n_k, scale, scale * LOG2E, dropout_p, seed, **meta,
+            heads_q, group_size, n_q, n_k, scale, scale * LOG2E, dropout_p, seed, *buckets, **meta,
         )
     return dq, dk, dv
 
