@@ -592,3 +592,15 @@ def test_gpu_head_dims_and_masks_against_oracle(head_dim, dtype):
     leaves = _qkv(2, 4, 2, 300, 517, head_dim, dtype=dtype)
     mask = torch.rand(2, 1, 300, 517, device=DEVICE) > 0.1
     check_against_oracle("triton", leaves, attn_mask=mask, is_causal=True, enable_gqa=True)
+
+
+@pytest.mark.parametrize("backend", backend_params("triton", "cpu"))
+@pytest.mark.parametrize("scale", [-0.3, 0.0], ids=["negative", "zero"])
+@pytest.mark.parametrize("masked", ["causal", "bool"])
+def test_non_positive_scale_with_masks(backend, scale, masked):
+    """The Triton kernels fold the scale into the exponent after a max over unscaled scores; a
+    negative or zero scale must take the scale-first path (max(qk)·scale is not the max, -inf·0 is
+    NaN). Odd lengths so masked, diagonal and ragged key blocks all occur."""
+    leaves = _qkv(1, 2, 2, 37, 45, 16)
+    mask = (torch.rand(1, 1, 37, 45) > 0.3).to(DEVICE) if masked == "bool" else None
+    check_against_oracle(backend, leaves, attn_mask=mask, is_causal=masked == "causal", scale=scale)

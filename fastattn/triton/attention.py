@@ -181,26 +181,12 @@ def _mask_scores(
 
 
 @triton.jit
-def _key_block_ranges(
-    start_m, n_k, qk_scale2, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-):
-    """For query rows [start_m, start_m + BLOCK_M): the key blocks below edge_start need no element
-    mask; those in [edge_start, end) do (diagonal blocks, the ragged last block, every block when an
-    attn_mask is given or the scale is negative); keys >= end are never visited."""
+def _key_end(start_m, n_k, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Keys >= the end are never visited by query rows [start_m, start_m + BLOCK_M): with causal
+    (top-left), those above the diagonal."""
     if IS_CAUSAL:
-        end = tl.minimum(n_k, start_m + BLOCK_M)
-        # every key below start_m is visible to every row of the block
-        edge_start = (tl.minimum(start_m, n_k) // BLOCK_N) * BLOCK_N
-    else:
-        end = n_k
-        edge_start = (n_k // BLOCK_N) * BLOCK_N
-    if MASK_KIND != 0:
-        edge_start = 0
-    # the unmasked path takes the row max before scaling (max(qk)·scale), valid for scale >= 0 only
-    if qk_scale2 < 0:
-        edge_start = 0
-    return edge_start, end
+        return tl.minimum(n_k, start_m + BLOCK_M)
+    return n_k
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,7 +204,6 @@ def _fwd_key_blocks(
     v_base,
     mask_base,
     start_m,
-    edge_start,
     end,
     bh,
     seed,
@@ -239,18 +224,20 @@ def _fwd_key_blocks(
     MASK_KIND: tl.constexpr,
     DROPOUT: tl.constexpr,
     EVEN_K: tl.constexpr,
+    SCALE_FIRST: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax accumulation over the key blocks [0, end).
 
-    One loop, with a uniform runtime branch for the blocks from edge_start on (see
-    _key_block_ranges): two loops (full blocks, then edge blocks) make the accumulator of the
-    second loop's first wgmma come either from the first loop's wgmma or from its zero-trip path,
-    and ptxas then serialises every wgmma of the kernel (warning C7515). Unmasked blocks fold the
-    scale into the exponent's argument (one FFMA per score: qk·scale - m); masked ones scale first
-    so that -inf and additive masks apply to the scaled scores."""
+    One loop over all key blocks, masks applied by compile-time flags only. Two loops (unmasked
+    blocks, then the diagonal/ragged ones) gave the second loop's first wgmma an accumulator defined
+    either by a wgmma or by the first loop's zero-trip path, and ptxas serialised every wgmma of the
+    kernel (C7515); a runtime branch for the masked blocks inside one loop removes that but crashes
+    Triton 3.6's pipeliner. Masks turn scores into -inf before the row max, so the scale folds into
+    the exponent's argument (one FFMA per score: qk·scale - m); an additive mask or a negative scale
+    (SCALE_FIRST) needs the scaled scores first."""
     q_local = tl.arange(0, BLOCK_M)[:, None]
     q_idx = start_m + q_local
     k_local = tl.arange(0, BLOCK_N)[None, :]
@@ -259,19 +246,25 @@ def _fwd_key_blocks(
         k_t = _load_tile(k_base, start_n, stride_kn, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, not EVEN_K, True)
         qk = _dot(q, k_t, UPCAST_DOT, DOT_PRECISION)
         k_idx = start_n + k_local
-        if start_n >= edge_start:
+        if SCALE_FIRST:  # additive mask or negative scale: the max must be taken after scaling
             s = _mask_scores(
                 qk * qk_scale2, q_idx, k_idx, start_m, start_n, mask_base, stride_mm, stride_mn, n_q, n_k,
                 q_local, k_local, MASK_KIND, not EVEN_K, IS_CAUSAL, True,
             )
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             s = s - m_safe[:, None]
         else:
+            qk = _mask_scores(
+                qk, q_idx, k_idx, start_m, start_n, mask_base, stride_mm, stride_mn, n_q, n_k,
+                q_local, k_local, MASK_KIND, not EVEN_K, IS_CAUSAL, True,
+            )
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale2)
-            m_safe = m_new
-            s = qk * qk_scale2 - m_new[:, None]
+            if MASK_KIND != 0 or IS_CAUSAL or not EVEN_K:
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_safe = m_new
+            s = qk * qk_scale2 - m_safe[:, None]
         p = tl.math.exp2(s)
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -326,6 +319,7 @@ def _attn_fwd_kernel(
     MASK_KIND: tl.constexpr,
     DROPOUT: tl.constexpr,
     EVEN_K: tl.constexpr,
+    SCALE_FIRST: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -355,12 +349,12 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    edge_start, end = _key_block_ranges(start_m, n_k, qk_scale2, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_KIND)
+    end = _key_end(start_m, n_k, BLOCK_M, IS_CAUSAL)
     acc, l_i, m_i = _fwd_key_blocks(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, edge_start, end, bh, seed, dropout_p, qk_scale2,
+        acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, end, bh, seed, dropout_p, qk_scale2,
         n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
-        EVEN_K, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
+        EVEN_K, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
     )
 
     # fully masked rows: l = 0, acc = 0 -> output 0 and lse = +inf
@@ -536,6 +530,7 @@ def _attn_bwd_dkdv_kernel(
     MASK_KIND: tl.constexpr,
     DROPOUT: tl.constexpr,
     EVEN_K: tl.constexpr,
+    SCALE_FIRST: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -600,7 +595,6 @@ def _dq_key_blocks(
     v_base,
     mask_base,
     start_m,
-    edge_start,
     end,
     bh,
     seed,
@@ -621,12 +615,13 @@ def _dq_key_blocks(
     MASK_KIND: tl.constexpr,
     DROPOUT: tl.constexpr,
     EVEN_K: tl.constexpr,
+    SCALE_FIRST: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """dQ accumulation of query rows [start_m, start_m + BLOCK_M) over the key blocks [0, end): one
-    loop with a runtime branch for the masked blocks, as in _fwd_key_blocks (and for its reason)."""
+    loop with compile-time masks, as in _fwd_key_blocks (and for its reasons)."""
     q_local = tl.arange(0, BLOCK_M)[:, None]
     q_idx = start_m + q_local
     k_local = tl.arange(0, BLOCK_N)[None, :]
@@ -636,12 +631,14 @@ def _dq_key_blocks(
         k_t = _load_tile(k_base, start_n, stride_kn, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, not EVEN_K, True)
         v_t = _load_tile(v_base, start_n, stride_vn, n_k, BLOCK_N, BLOCK_DV, HEAD_DIM_V, not EVEN_K, True)
         qk = _dot(q, k_t, UPCAST_DOT, DOT_PRECISION)
-        if start_n >= edge_start:
-            s = _mask_scores(
-                qk * qk_scale2, q_idx, k_idx, start_m, start_n, mask_base, stride_mm, stride_mn, n_q, n_k,
-                q_local, k_local, MASK_KIND, not EVEN_K, IS_CAUSAL, True,
-            )
-            p = tl.math.exp2(s - lse2[:, None])
+        if SCALE_FIRST:
+            qk = qk * qk_scale2
+        qk = _mask_scores(
+            qk, q_idx, k_idx, start_m, start_n, mask_base, stride_mm, stride_mn, n_q, n_k,
+            q_local, k_local, MASK_KIND, not EVEN_K, IS_CAUSAL, True,
+        )
+        if SCALE_FIRST:
+            p = tl.math.exp2(qk - lse2[:, None])
         else:
             p = tl.math.exp2(qk * qk_scale2 - lse2[:, None])
         dp = _dot(do, v_t, UPCAST_DOT, DOT_PRECISION)
@@ -697,6 +694,7 @@ def _attn_bwd_dq_kernel(
     MASK_KIND: tl.constexpr,
     DROPOUT: tl.constexpr,
     EVEN_K: tl.constexpr,
+    SCALE_FIRST: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -730,12 +728,12 @@ def _attn_bwd_dq_kernel(
     mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    edge_start, end = _key_block_ranges(start_m, n_k, qk_scale2, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_KIND)
+    end = _key_end(start_m, n_k, BLOCK_M, IS_CAUSAL)
     dq = _dq_key_blocks(
-        dq, q, do, lse2, delta, k_base, v_base, mask_base, start_m, edge_start, end, bh, seed, dropout_p,
+        dq, q, do, lse2, delta, k_base, v_base, mask_base, start_m, end, bh, seed, dropout_p,
         qk_scale2, n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
-        EVEN_K, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
+        EVEN_K, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
     )
 
     # dQ is written contiguous (B, Hq, Nq, D)
@@ -805,6 +803,8 @@ def _candidates(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_by
     d128 128x128 at 3 stages compiles to 224 KiB and fits the H100/H200's 227 KiB, so an estimate
     with a safety margin (as here before) wrongly dropped the tutorial's best configuration.
     Which of the rest is fastest is the autotuner's call."""
+    if elem_bytes == 4:
+        return _fp32_candidates(kind, max(block_d, block_dv))
     wide = max(block_d, block_dv) > 128
     if kind == "fwd":
         blocks = [(128, 128), (128, 64), (128, 32), (64, 64), (64, 32)]
@@ -838,6 +838,24 @@ def _candidates(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_by
     return out
 
 
+# float32 (IEEE dots on CUDA cores, operands in registers): the spill-free tiles of a sweep compiled for
+# sm_90a with Triton 3.9 (BLOCK_M, BLOCK_N, warps), all at 2 stages (1 stage spilled more often), by
+# head width up to 64, 128 and 256. The 16-bit lists above spill at every fp32 size past d64.
+_FP32_BLOCKS = {
+    "fwd": {64: [(64, 32, 8), (64, 16, 4), (32, 32, 4)], 128: [(64, 32, 8), (64, 16, 4), (32, 32, 4)],
+            256: [(64, 32, 8), (32, 32, 4)]},
+    "dkdv": {64: [(32, 32, 8), (16, 32, 8), (16, 64, 4)], 128: [(32, 32, 8), (16, 32, 8), (16, 16, 4)],
+             256: [(16, 32, 8), (16, 16, 4)]},
+    "dq": {64: [(64, 32, 8), (32, 32, 4), (64, 16, 4)], 128: [(64, 32, 8), (32, 16, 4), (32, 32, 4)],
+           256: [(32, 16, 4)]},
+}
+
+
+def _fp32_candidates(kind: str, block_d: int):
+    width = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+    return [(m, n, warps, 2) for m, n, warps in _FP32_BLOCKS[kind][width]]
+
+
 # The configuration used without autotuning (FASTATTN_AUTOTUNE=0): (BLOCK_M, BLOCK_N) for heads up
 # to 128 wide and above, at 2 stages.
 _DEFAULT_BLOCKS = {"fwd": ((128, 64), (64, 64)), "dkdv": ((32, 64), (32, 32)), "dq": ((128, 32), (64, 32))}
@@ -861,19 +879,23 @@ def length_bucket(n):
     return (n + 255) // 256 * 256
 
 
-def _kernel_configs(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_bytes: int):
-    """(BLOCK_M, BLOCK_N, warps, stages) tuples the kernel of ``kind`` is launched with."""
+def _kernel_configs(
+    kind: str, block_d: int, block_dv: int, is_causal: bool, elem_bytes: int,
+    autotune: bool | None = None, smem_limit: int | None = None,
+):
+    """(BLOCK_M, BLOCK_N, warps, stages) tuples the kernel of ``kind`` is launched with: the autotune
+    candidates, or one fixed config without autotuning (FASTATTN_AUTOTUNE=0, or ``autotune=False``)."""
     if _INTERPRETING:
         block_m, block_n = _INTERPRETER_BLOCKS["fwd" if kind == "decode" else kind]
         return [(block_m, block_n, 4, 1)]
     if kind == "decode":
         return [_DECODE_CONFIG]
-    candidates = _candidates(kind, block_d, block_dv, is_causal, elem_bytes)
-    if not _autotuning():
+    candidates = _candidates(kind, block_d, block_dv, is_causal, elem_bytes, smem_limit)
+    if not (_autotuning() if autotune is None else autotune):
         narrow, wide = _DEFAULT_BLOCKS[kind]
         blocks = wide if max(block_d, block_dv) > 128 else narrow
         chosen = [c for c in candidates if c[:2] == blocks and c[3] <= 2]
-        candidates = chosen[-1:] or candidates[-1:]
+        candidates = chosen[-1:] or candidates[:1]
     return candidates
 
 
@@ -919,7 +941,7 @@ def _mask_args(mask: torch.Tensor | None, like: torch.Tensor):
     return (1 if mask.dtype == torch.bool else 2), mask, tuple(mask.stride())
 
 
-def _meta(q, k, v, mask_kind, is_causal, dropout_p):
+def _meta(q, k, v, mask_kind, is_causal, dropout_p, scale):
     """The kernels' compile-time arguments. Head dims become Python ints: under torch.compile with
     dynamic shapes they are specialised (they are constexprs of the kernels anyway)."""
     head_dim, head_dim_v = int(q.size(-1)), int(v.size(-1))
@@ -934,6 +956,8 @@ def _meta(q, k, v, mask_kind, is_causal, dropout_p):
         "DROPOUT": dropout_p > 0.0,
         # 128 is the largest BLOCK_N of any candidate: every key block is full, no bound checks
         "EVEN_K": isinstance(k_len, int) and k_len % 128 == 0,
+        # an additive mask, or a scale <= 0 (max(qk)·scale is then not the max of the scores, -inf·0 is NaN)
+        "SCALE_FIRST": mask_kind == 2 or scale <= 0,
         "UPCAST_DOT": _INTERPRETING and q.dtype == torch.bfloat16,
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
     }
@@ -967,7 +991,7 @@ def attention_fwd(
         return out.zero_(), lse.fill_(float("inf"))
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
-    meta = _meta(q, k, v, mask_kind, is_causal, dropout_p)
+    meta = _meta(q, k, v, mask_kind, is_causal, dropout_p, scale)
     kind = "decode" if isinstance(n_q, int) and n_q <= DECODE_MAX_QUERIES else "fwd"
     grid = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]) * batch * heads_q,)  # noqa: E731
     wrap_triton(_tuned_for(kind, meta, q))[grid](
@@ -1007,12 +1031,13 @@ def attention_bwd(
         return dq.zero_(), dk.zero_(), dv.zero_()
     dout, q, k, v = (_unit_last_stride(t) for t in (dout, q, k, v))
     mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
-    meta = _meta(q, k, v, mask_kind, is_causal, dropout_p)
+    meta = _meta(q, k, v, mask_kind, is_causal, dropout_p, scale)
     group_size = heads_q // heads_kv
     buckets = (length_bucket(n_q), length_bucket(n_k))
 
     delta = empty(batch, heads_q, n_q, dtype=torch.float32, device=q.device)
-    delta_block = 64 if _INTERPRETING else 128
+    # the O and dO tiles of a block stay in registers: 8K elements each (ptxas spills fp32 d256 at 32K)
+    delta_block = 64 if _INTERPRETING else max(16, min(128, 8192 // meta["BLOCK_DV"]))
     wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(n_q, delta_block) * batch * heads_q,)](
         out, dout, delta, *out.stride()[:3], *dout.stride()[:3], heads_q, n_q,
         HEAD_DIM_V=meta["HEAD_DIM_V"], BLOCK_DV=meta["BLOCK_DV"], BLOCK_M=delta_block,

@@ -1,0 +1,533 @@
+"""Static Hopper/Ampere check of every Triton kernel: ``make check-sass`` (no GPU needed).
+
+Each kernel is launched once on meta tensors with a stand-in for ``wrap_triton`` that records the
+launch instead of running it; every autotune candidate that the kernel's own pruning keeps for a
+target (sm_90a with the H100/H200's 227 KiB of shared memory per block, sm_80 with the A100's
+163 KiB) is then compiled with ``triton.compile`` for that target, and the PTX is assembled again
+with the ptxas Triton uses, ``-v``, to read registers, spills and warnings. From the cubin's SASS
+(cuobjdump) come the tensor-core instruction counts and, for the attention kernels, the number of
+instructions one iteration of the main loop executes on its unmasked path.
+
+Fails (exit 1) on: a C7515 warning (wgmma serialised) in any compiled candidate; spills or shared
+memory over the target's limit in any candidate the pruning keeps, the fixed (FASTATTN_AUTOTUNE=0)
+configs and the decode config included; the d128 128x128 3-stage forward missing from the sm_90a
+list; a forward loop longer than the Triton tutorial's (LOOP_BUDGET). Writes
+benchmarks/results/static/sass.{json,md} and, with --readme, the README's static section.
+
+    python -m benchmarks.check_sass [--jobs N] [--only attention] [--readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import heapq
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # compile for real even where tests set the interpreter
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT_DIR = ROOT / "benchmarks" / "results" / "static"
+README_BEGIN, README_END = "<!-- static-sass:begin -->", "<!-- static-sass:end -->"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    capability: int
+    block_smem: int  # opt-in shared memory per block (bytes)
+    sm_smem: int  # shared memory per SM
+    mma: str  # the SASS mnemonic of its tensor-core instruction
+
+
+# H100/H200: 227 KiB per block, 228 KiB per SM; A100: 163 KiB per block, 164 KiB per SM
+# (CUDA C++ Programming Guide, "Features and Technical Specifications", compute capability 9.0/8.0).
+TARGETS = {
+    "sm_90a": Target("sm_90a", 90, 227 * 1024, 228 * 1024, "HGMMA"),
+    "sm_80": Target("sm_80", 80, 163 * 1024, 164 * 1024, "HMMA"),
+}
+
+# Instructions on the unmasked path of one forward-loop iteration of Triton's 06-fused-attention
+# tutorial (bf16, 128x128 tiles, 8 warps, 3 stages, sm_90a; Triton 3.6 with its block-pointer kernel),
+# measured with this module's loop counter on a scratch copy outside the project. The forward's
+# main loop must not be longer. See benchmarks/NOTES.md.
+LOOP_BUDGET = {64: 0, 128: 0}
+
+
+def occupancy_warps_per_sm(registers: int, smem_bytes: int, warps: int, target: Target) -> int:
+    """Resident warps per SM: 64K registers allocated per warp in units of 256, at most 64 warps and 32
+    blocks, shared memory per SM with 1 KiB reserved per block (CUDA occupancy calculator rules)."""
+    regs_per_warp = math.ceil(max(registers, 1) * 32 / 256) * 256
+    blocks_by_regs = (65536 // regs_per_warp) // warps
+    blocks_by_smem = target.sm_smem // (smem_bytes + 1024) if smem_bytes else 32
+    blocks = min(blocks_by_regs, blocks_by_smem, 32, 64 // warps)
+    return blocks * warps
+
+
+# --------------------------------------------------------------------------------------------
+# launches recorded on meta tensors
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Launch:
+    kernel: object  # JITFunction or Autotuner
+    args: tuple
+    kwargs: dict
+
+
+class _Recorder:
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append(Launch(self.kernel, args, kwargs))
+
+
+@contextlib.contextmanager
+def recorded_launches(*modules):
+    """Replace ``wrap_triton`` in the kernel modules by a recorder; yields the list of launches."""
+    log: list[Launch] = []
+    saved = [(m, m.wrap_triton) for m in modules]
+    try:
+        for m in modules:
+            m.wrap_triton = lambda kernel: _Recorder(kernel, log)
+        yield log
+    finally:
+        for m, fn in saved:
+            m.wrap_triton = fn
+
+
+def _raw(op):
+    """The Python body of a triton_op (run directly on meta tensors, outside the dispatcher)."""
+    return getattr(op, "_init_fn", op)
+
+
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.bool: "i1",
+           torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}
+
+
+def _jit_fn(kernel):
+    while not isinstance(kernel, triton.runtime.JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def signature_of(kernel, launch: Launch, config: dict):
+    """(signature, constexprs, attrs) for triton.compile, as the runtime would specialise the launch:
+    pointers and integers divisible by 16 get the divisibility hint, bools are i1, floats fp32."""
+    fn = _jit_fn(kernel)
+    values = dict(zip(fn.arg_names, launch.args))
+    values.update({k: v for k, v in launch.kwargs.items() if k in fn.arg_names})
+    values.update({k: v for k, v in config.items() if k in fn.arg_names})
+    constexpr_names = {fn.arg_names[i] for i in fn.constexprs}
+    no_spec = set(getattr(fn, "do_not_specialize", ()) or ())
+    no_spec |= {fn.arg_names[i] for i in no_spec if isinstance(i, int)}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = values[name]
+        if name in constexpr_names or value is None:
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _DTYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0 and name not in no_spec:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
+    return signature, constexprs, attrs
+
+
+# --------------------------------------------------------------------------------------------
+# the jobs: one per (kernel, config, target)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Job:
+    family: str
+    kernel: str
+    case: str  # shape, dtype, flags
+    config: str  # block sizes, warps, stages
+    role: str  # "autotune", "fixed" (FASTATTN_AUTOTUNE=0), "decode", "only" (not autotuned)
+    target: str
+    module: str  # where the kernel lives, to re-import it in the worker
+    fn_name: str
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    warps: int
+    stages: int
+    loop: bool = False  # count the main loop's instructions
+
+
+def _config_label(kwargs: dict, warps: int, stages: int) -> str:
+    blocks = "x".join(str(v) for k, v in kwargs.items() if k.startswith("BLOCK"))
+    return f"{blocks} w{warps} s{stages}"
+
+
+def _jobs_for(family, launch, case, configs, target, loop=False):
+    """configs: [(kwargs, warps, stages, role)]"""
+    fn = _jit_fn(launch.kernel)
+    jobs = []
+    for kwargs, warps, stages, role in configs:
+        signature, constexprs, attrs = signature_of(launch.kernel, launch, kwargs)
+        jobs.append(Job(
+            family, fn.__name__, case, _config_label(kwargs, warps, stages), role, target.name,
+            fn.fn.__module__, fn.__name__, signature, constexprs, attrs, warps, stages, loop,
+        ))
+    return jobs
+
+
+def attention_jobs(target: Target, quick: bool = False) -> list[Job]:
+    from fastattn.triton import attention as A
+
+    jobs = []
+    meta = dict(device="meta")
+    for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32):
+        for d in (64, 128) if quick else (64, 128, 256):
+            for causal in (False, True):
+                case = f"{_DTYPES[dtype]} d{d}{' causal' if causal else ''}"
+                q = torch.empty(1, 2, 4096, d, dtype=dtype, **meta)
+                dec = torch.empty(1, 2, 1, d, dtype=dtype, **meta)
+                with recorded_launches(A) as log:
+                    out, lse = _raw(A.attention_fwd)(q, q, q, None, 0.125, causal, 0.0, 0)
+                    _raw(A.attention_fwd)(dec, q, q, None, 0.125, causal, 0.0, 0)
+                    _raw(A.attention_bwd)(out, q, q, q, out, lse, None, 0.125, causal, 0.0, 0, True, True)
+                fwd, decode, delta, dkdv, dq = log
+                jobs += _jobs_for("attention", delta, case, [({}, 4, 1, "only")] if causal is False else [], target)
+                for kind, launch in (("fwd", fwd), ("decode", decode), ("dkdv", dkdv), ("dq", dq)):
+                    configs = _attention_configs(A, kind, d, causal, dtype, target)
+                    jobs += _jobs_for("attention", launch, case + (" decode" if kind == "decode" else ""),
+                                      configs, target, loop=True)
+    return jobs
+
+
+def _attention_configs(A, kind, d, causal, dtype, target):
+    """The autotune list the runtime keeps on ``target``, plus the fixed config (FASTATTN_AUTOTUNE=0)."""
+    bd = A._block_dim(d)
+    elem = torch.empty(0, dtype=dtype).element_size()
+    as_kwargs = lambda c: ({"BLOCK_M": c[0], "BLOCK_N": c[1]}, c[2], c[3])  # noqa: E731
+    if kind == "decode":
+        return [(*as_kwargs(A._DECODE_CONFIG), "decode")]
+    tuned = A._kernel_configs(kind, bd, bd, causal, elem, autotune=True, smem_limit=target.block_smem)
+    fixed = A._kernel_configs(kind, bd, bd, causal, elem, autotune=False, smem_limit=target.block_smem)
+    out = [(*as_kwargs(c), "autotune") for c in tuned]
+    return out + [(*as_kwargs(c), "fixed") for c in fixed if c not in tuned]
+
+
+def softmax_jobs(target: Target, quick: bool = False) -> list[Job]:
+    from fastattn.triton import softmax as S
+
+    jobs = []
+    for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32):
+        for n in (1024, 16384, 65536):  # single pass (two widths) and the split-row path
+            x = torch.empty(4096 if n <= 16384 else 64, n, dtype=dtype, device="meta")
+            with recorded_launches(S) as log:
+                S._launch_forward(x, None, torch.empty_like(x), 1.0, False, False)
+                S._launch_backward(x, x, torch.empty_like(x), 1.0, False)
+            for launch in log:
+                kw = {k: v for k, v in launch.kwargs.items() if k != "num_warps"}
+                configs = [(kw, launch.kwargs.get("num_warps", 4), 1, "only")]
+                jobs += _jobs_for("softmax", launch, f"{_DTYPES[dtype]} {x.size(0)}x{n}", configs, target)
+    return _dedup(jobs)
+
+
+def norm_jobs(target: Target, quick: bool = False) -> list[Job]:
+    from fastattn.triton import norm as N
+
+    jobs = []
+    for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32):
+        for n in (1024, 4096, 16384):
+            x = torch.empty(4096, n, dtype=dtype, device="meta")
+            w = torch.empty(n, dtype=dtype, device="meta")
+            for is_rms in (False, True):
+                with recorded_launches(N) as log:
+                    y, s, mean, rstd = N._forward(x, w, None if is_rms else w, 1e-5, x, is_rms)
+                    N._backward(y, None, s, w, mean, rstd, True, not is_rms, is_rms)
+                for launch in log:
+                    kw = {k: v for k, v in launch.kwargs.items() if k != "num_warps"}
+                    configs = [(kw, launch.kwargs.get("num_warps", 4), 1, "only")]
+                    case = f"{_DTYPES[dtype]} {'rms' if is_rms else 'layer'} 4096x{n} +residual"
+                    jobs += _jobs_for("norm", launch, case, configs, target)
+    return _dedup(jobs)
+
+
+def ffn_jobs(target: Target, quick: bool = False) -> list[Job]:
+    from fastattn.triton import ffn as F
+
+    jobs = []
+    for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32):
+        for activation in ("gelu", "swiglu"):
+            gated = activation in F.GATED_ACTIVATIONS
+            x = torch.empty(4096, 1024, dtype=dtype, device="meta")
+            w1 = torch.empty(4096 * (2 if gated else 1), 1024, dtype=dtype, device="meta")
+            w2 = torch.empty(1024, 4096, dtype=dtype, device="meta")
+            with recorded_launches(F) as log:
+                _raw(F.ffn_fwd)(x, w1, None, w2, None, activation, 0.0, 0)
+                _raw(F.ffn_bwd)(x, x, w1, None, w2, activation, 0.0, 0, True, True, True)
+            for launch, tiles, accumulators in ((log[0], F._FWD_TILES, 2 if gated else 1),
+                                                (log[1], F._BWD_TILES, 3 if gated else 2)):
+                fn = _jit_fn(launch.kernel)
+                named = {**dict(zip(fn.arg_names, launch.args)), **launch.kwargs}
+                configs = [triton.Config({"BLOCK_M": m, "BLOCK_H": h, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w,
+                                         num_stages=s) for m, h, k, w, s in tiles]
+                kept = F._prune(configs, named, accumulators, shared_memory=target.block_smem)
+                case = f"{_DTYPES[dtype]} {activation} 4096x1024x4096"
+                jobs += _jobs_for("ffn", launch, case,
+                                  [(c.kwargs, c.num_warps, c.num_stages, "autotune") for c in kept], target)
+    return jobs
+
+
+def _dedup(jobs):
+    seen, out = set(), []
+    for j in jobs:
+        key = (j.kernel, j.config, j.target, json.dumps(j.constexprs, sort_keys=True, default=str),
+               json.dumps(j.signature, sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            out.append(j)
+    return out
+
+
+FAMILIES = {"attention": attention_jobs, "softmax": softmax_jobs, "norm": norm_jobs, "ffn": ffn_jobs}
+
+
+# --------------------------------------------------------------------------------------------
+# compile and read the report (in worker processes)
+# --------------------------------------------------------------------------------------------
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRANCH = re.compile(r"\bBRA\s+(?:`\()?(0x[0-9a-f]+)")
+
+
+def parse_sass(sass: str) -> list[tuple[int, str]]:
+    return [(int(m.group(1), 16), m.group(2).strip()) for m in _SASS_LINE.finditer(sass)]
+
+
+def hot_loop(instructions: list[tuple[int, str]], mma: str) -> dict | None:
+    """The loop (backward branch) with the most tensor-core instructions, its size, and the number
+    of instructions on the shortest path from its head to its back edge: one iteration of its
+    cheapest path (for the attention kernels, a block that needs no mask)."""
+    index = {addr: i for i, (addr, _) in enumerate(instructions)}
+    best = None
+    for i, (addr, text) in enumerate(instructions):
+        m = _BRANCH.search(text)
+        if m and int(m.group(1), 16) <= addr and int(m.group(1), 16) in index:
+            head = index[int(m.group(1), 16)]
+            n_mma = sum(mma in t for _, t in instructions[head:i + 1])
+            if best is None or (n_mma, i - head) > (best[0], best[2] - best[1]):
+                best = (n_mma, head, i)
+    if best is None or best[0] == 0:
+        return None
+    n_mma, head, tail = best
+    return {"loop_instructions": tail - head + 1, "path_instructions": _shortest_path(instructions, index, head, tail),
+            "loop_mma": n_mma}
+
+
+def _shortest_path(instructions, index, head, tail) -> int:
+    dist, queue = {head: 1}, [(1, head)]
+    while queue:
+        d, i = heapq.heappop(queue)
+        if i == tail:
+            return d
+        if d > dist.get(i, math.inf):
+            continue
+        text = instructions[i][1]
+        m = _BRANCH.search(text)
+        successors = []
+        if m:
+            target = index.get(int(m.group(1), 16))
+            if target is not None and head <= target <= tail:
+                successors.append(target)
+            if text.startswith("@"):
+                successors.append(i + 1)
+        elif not text.startswith("EXIT"):
+            successors.append(i + 1)
+        for j in successors:
+            if j <= tail and d + 1 < dist.get(j, math.inf):
+                dist[j] = d + 1
+                heapq.heappush(queue, (d + 1, j))
+    return tail - head + 1
+
+
+_REGISTERS = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def run_job(job: Job) -> dict:
+    import importlib
+
+    target = TARGETS[job.target]
+    fn = _jit_fn(getattr(importlib.import_module(job.module), job.fn_name))
+    started = time.time()
+    row = {k: v for k, v in dataclasses.asdict(job).items() if k not in ("signature", "constexprs", "attrs", "module", "fn_name")}
+    try:
+        src = ASTSource(fn=fn, signature=job.signature, constexprs=job.constexprs, attrs=job.attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", target.capability, 32),
+                                  options={"num_warps": job.warps, "num_stages": job.stages})
+    except Exception as exc:  # a candidate that does not compile is reported, and fails the check
+        return {**row, "error": f"{type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''}"[:300]}
+    ptxas = get_ptxas(target.capability).path
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
+        ptx.write_text(compiled.asm["ptx"])
+        log = subprocess.run([ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name={target.name}", str(ptx), "-o", str(cubin)],
+                             capture_output=True, text=True).stderr
+        cuobjdump = Path(ptxas).with_name("cuobjdump")
+        sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    registers = int(_REGISTERS.search(log).group(1))
+    spill_st, spill_ld = map(int, _SPILLS.search(log).groups())
+    instructions = parse_sass(sass)
+    smem = int(compiled.metadata.shared)
+    row.update(
+        registers=registers, spill_bytes=spill_st + spill_ld, smem_bytes=smem,
+        occupancy_warps=occupancy_warps_per_sm(registers, smem, job.warps, target),
+        mma=sum(target.mma in t for _, t in instructions), serialized="C7515" in log,
+        instructions=len(instructions), seconds=round(time.time() - started, 1),
+        warnings=[line.strip() for line in log.splitlines() if "warning" in line.lower() or "C7515" in line],
+    )
+    if job.loop:
+        row.update(hot_loop(instructions, target.mma) or {})
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# verdicts, table, README
+# --------------------------------------------------------------------------------------------
+
+
+def failures(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        where = f"{r['kernel']} [{r['case']}] {r['config']} {r['target']}"
+        if "error" in r:
+            out.append(f"{where}: does not compile: {r['error']}")
+            continue
+        if r["serialized"]:
+            out.append(f"{where}: wgmma serialised (ptxas C7515)")
+        if r["spill_bytes"]:
+            out.append(f"{where}: {r['spill_bytes']} bytes of spills")
+        if r["smem_bytes"] > TARGETS[r["target"]].block_smem:
+            out.append(f"{where}: {r['smem_bytes']} B of shared memory > {TARGETS[r['target']].block_smem} B")
+    fwd = [r for r in rows if r["kernel"] == "_attn_fwd_kernel" and "error" not in r]
+    if fwd and not any(r["target"] == "sm_90a" and r["case"] == "bf16 d128" and r["config"] == "128x128 w8 s3"
+                       and r["role"] == "autotune" for r in fwd):
+        out.append("_attn_fwd_kernel bf16 d128 sm_90a: the 128x128 3-stage config is not among the kept candidates")
+    for d, budget in LOOP_BUDGET.items():
+        for r in fwd:
+            if budget and r["target"] == "sm_90a" and r["case"] == f"bf16 d{d}" and r["config"] == "128x128 w8 s3" \
+                    and r.get("path_instructions", 0) > budget:
+                out.append(f"_attn_fwd_kernel bf16 d{d} 128x128: {r['path_instructions']} instructions per loop "
+                           f"iteration > the tutorial's {budget}")
+    return out
+
+
+COLUMNS = ("kernel", "case", "config", "role", "target", "registers", "spill_bytes", "smem_bytes", "occupancy_warps",
+           "mma", "serialized", "path_instructions")
+
+
+def markdown(rows: list[dict], stamp: dict) -> str:
+    head = ["kernel", "case", "config", "role", "target", "regs", "spills (B)", "smem (KiB)", "warps/SM", "mma",
+            "serialized", "loop instr."]
+    lines = [f"Static check of the Triton kernels ({stamp['date']}, Triton {stamp['triton']}, torch {stamp['torch']}, "
+             f"commit {stamp['commit']}): `make check-sass`.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | {r['case']} | {r['config']} | {r['role']} | {r['target']} | "
+                         f"error: {r['error']} |" + " |" * 7)
+            continue
+        cells = [r["kernel"], r["case"], r["config"], r["role"], r["target"], r["registers"], r["spill_bytes"],
+                 f"{r['smem_bytes'] / 1024:.0f}", r["occupancy_warps"], r["mma"], "yes" if r["serialized"] else "no",
+                 r.get("path_instructions", "")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def readme_section(rows: list[dict], stamp: dict) -> str:
+    """The attention forward/backward rows the README shows: the sm_90a bf16 candidates for d64/d128."""
+    keep = [r for r in rows if r["family"] == "attention" and r["target"] == "sm_90a" and "error" not in r
+            and r["case"] in ("bf16 d64", "bf16 d128", "bf16 d128 causal") and r["kernel"] != "_attn_bwd_delta_kernel"]
+    body = markdown(keep, stamp).split("\n", 2)[2]
+    total = len([r for r in rows if "error" not in r])
+    bad = failures(rows)
+    verdict = "no serialized wgmma, no spills, shared memory within the limit" if not bad else f"{len(bad)} failures"
+    return (f"{README_BEGIN}\nFrom `benchmarks/results/static/sass.md` ({stamp['date']}, Triton {stamp['triton']}, "
+            f"commit {stamp['commit']}): {total} compiled candidates for sm_90a and sm_80, {verdict}. The attention "
+            f"kernels on sm_90a, bf16 (loop instr. = instructions one unmasked iteration of the main loop executes):\n\n"
+            f"{body}{README_END}")
+
+
+def _stamp() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return {"date": datetime.date.today().isoformat(), "triton": triton.__version__, "torch": torch.__version__.split("+")[0],
+            "commit": commit or "unknown"}
+
+
+def update_readme(section: str, readme: Path = ROOT / "README.md") -> None:
+    text = readme.read_text()
+    if README_BEGIN not in text:
+        raise SystemExit(f"{readme} has no {README_BEGIN} marker")
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    readme.write_text(text[:start] + section + text[end:])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="compiles in parallel")
+    parser.add_argument("--only", choices=sorted(FAMILIES), action="append", help="kernel families (default all)")
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--readme", action="store_true", help="rewrite the README's static section")
+    parser.add_argument("--quick", action="store_true", help="bf16 only, attention head dims 64 and 128 (CI)")
+    args = parser.parse_args(argv)
+
+    jobs = [j for family in (args.only or FAMILIES) for t in args.targets for j in FAMILIES[family](TARGETS[t], args.quick)]
+    print(f"check-sass: {len(jobs)} compiles on {args.jobs} processes (Triton {triton.__version__})", flush=True)
+    started, rows = time.time(), []
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for i, row in enumerate(pool.map(run_job, jobs), 1):
+            rows.append(row)
+            if i % 20 == 0 or i == len(jobs):
+                print(f"  {i}/{len(jobs)} compiled ({time.time() - started:.0f} s)", flush=True)
+    stamp = _stamp()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sass.json").write_text(json.dumps({"stamp": stamp, "rows": rows}, indent=1) + "\n")
+    (args.out / "sass.md").write_text(markdown(rows, stamp))
+    if args.readme:
+        update_readme(readme_section(rows, stamp))
+    bad = failures(rows)
+    for line in bad:
+        print("FAIL", line)
+    print(f"check-sass: {len(rows)} candidates, {len(bad)} failures, {time.time() - started:.0f} s; "
+          f"table in {args.out / 'sass.md'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
