@@ -11,7 +11,7 @@ CUDA_ARCHS ?= $(shell $(NVCC) --list-gpu-arch 2>/dev/null | grep -q compute_70 &
 # The half/bfloat16 macros torch's CUDAExtension builds with, so the check sees what the build sees.
 CUDA_CHECK_FLAGS ?= -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
 
-.PHONY: deps build test test-gpu lint check-cuda bench gpu-report train clean
+.PHONY: deps build test test-gpu lint check-cuda check-sass bench gpu-report train clean
 
 # Installs only what is missing, so it also runs on a machine with no network but everything there.
 deps:
@@ -40,6 +40,13 @@ check-cuda:
 	  xargs -P $(CHECK_JOBS) -L 1 sh -c 'echo "nvcc sm_$$0 $$1" && \
 	    $(NVCC) -std=c++17 -O2 -arch=sm_$$0 --expt-relaxed-constexpr $(CUDA_CHECK_FLAGS) -Icsrc -c $$1 -o /dev/null'
 	PYTHON=$(PYTHON) csrc/cuda/tools/check_glue.sh
+
+# Compile every Triton autotune candidate for sm_90a and sm_80 (no GPU) and read ptxas/SASS: fails on
+# serialized wgmma, spills, shared memory over the limit; tables in benchmarks/results/static/.
+# SASS_ARGS=--quick: bf16 only, attention head dims 64 and 128.
+SASS_ARGS ?=
+check-sass: deps
+	$(PYTHON) -m benchmarks.check_sass --jobs $(CHECK_JOBS) $(SASS_ARGS)
 
 bench: build
 	$(PYTHON) -m benchmarks.run $(BENCH_ARGS)
