@@ -180,101 +180,108 @@ def _mask_scores(
     return s
 
 
-@triton.jit
-def _key_end(start_m, n_k, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """Keys >= the end are never visited by query rows [start_m, start_m + BLOCK_M): with causal
-    (top-left), those above the diagonal."""
-    if IS_CAUSAL:
-        return tl.minimum(n_k, start_m + BLOCK_M)
-    return n_k
-
-
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _fwd_key_blocks(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    mask_base,
-    start_m,
-    end,
-    bh,
-    seed,
-    dropout_p,
-    qk_scale2,
-    n_q,
-    n_k,
-    stride_kn,
-    stride_vn,
-    stride_mm,
-    stride_mn,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    SCALE_FIRST: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+def _fwd_block(
+    acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, start_n, bh, seed, dropout_p, qk_scale2, n_q, n_k,
+    stride_kn, stride_vn, stride_mm, stride_mn,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    EDGE: tl.constexpr, SCALE_FIRST: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Online-softmax accumulation over the key blocks [0, end).
+    """One online-softmax step over the keys [start_n, start_n + BLOCK_N). EDGE: a block on the
+    causal diagonal or past the end of the keys, so the key bound and the causal compare apply.
 
-    One loop over all key blocks, masks applied by compile-time flags only. Two loops (unmasked
-    blocks, then the diagonal/ragged ones) gave the second loop's first wgmma an accumulator defined
-    either by a wgmma or by the first loop's zero-trip path, and ptxas serialised every wgmma of the
-    kernel (C7515); a runtime branch for the masked blocks inside one loop removes that but crashes
-    Triton 3.6's pipeliner. Masks turn scores into -inf before the row max, so the scale folds into
-    the exponent's argument (one FFMA per score: qk·scale - m); an additive mask or a negative scale
-    (SCALE_FIRST) needs the scaled scores first."""
+    Masks turn scores into -inf before the row max, so the scale folds into the exponent's argument
+    (one FFMA per score: qk·scale - m); an additive mask or a scale <= 0 (SCALE_FIRST) needs the
+    scaled scores first (max(qk)·scale is not the max for a negative scale, -inf·0 is NaN)."""
     q_local = tl.arange(0, BLOCK_M)[:, None]
     q_idx = start_m + q_local
     k_local = tl.arange(0, BLOCK_N)[None, :]
-    for start_n in range(0, end, BLOCK_N):
+    k_idx = start_n + k_local
+    k_t = _load_tile(k_base, start_n, stride_kn, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, EDGE, True)
+    qk = _dot(q, k_t, UPCAST_DOT, DOT_PRECISION)
+    if SCALE_FIRST:
+        qk = qk * qk_scale2
+    qk = _mask_scores(
+        qk, q_idx, k_idx, start_m, start_n, mask_base, stride_mm, stride_mn, n_q, n_k, q_local, k_local,
+        MASK_KIND, EDGE, IS_CAUSAL, EDGE,
+    )
+    if SCALE_FIRST:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale2)
+    if MASK_KIND != 0 or EDGE:
+        # a row with nothing visible yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
+    if SCALE_FIRST:
+        p = tl.math.exp2(qk - m_safe[:, None])
+    else:
+        p = tl.math.exp2(qk * qk_scale2 - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DROPOUT:
+        # the normaliser l sums the undropped weights; dropout zeroes weights after softmax
+        p = tl.where(_dropout_keep(seed, bh, q_idx, k_idx, dropout_p), p, 0.0)
+    v = _load_tile(v_base, start_n, stride_vn, n_k, BLOCK_N, BLOCK_DV, HEAD_DIM_V, EDGE, False)
+    acc = _dot_acc(p.to(v.dtype), v, acc, UPCAST_DOT, DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _edge_start(start_m, n_k, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """The first key of the blocks that need element masks: causal (top-left), the blocks on the
+    diagonal of query rows [start_m, start_m + BLOCK_M) (EDGE_BLOCKS of them); otherwise the ragged
+    last block (which may be empty). Every key below it is visible to every row of the program."""
+    if IS_CAUSAL:
+        return (tl.minimum(start_m, n_k) // BLOCK_N) * BLOCK_N
+    return (n_k // BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def _fwd_key_blocks(
+    acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, bh, seed, dropout_p, qk_scale2, n_q, n_k,
+    stride_kn, stride_vn, stride_mm, stride_mn,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_K: tl.constexpr, SCALE_FIRST: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax accumulation over every key block the query rows can see.
+
+    The masked blocks (causal diagonal, ragged end) come first, unrolled at compile time from the
+    zero accumulator, then one loop over the unmasked blocks below them. Why this order: with the
+    masked blocks in a second loop, that loop's first wgmma took its accumulator either from the
+    first loop's wgmma or from its zero-trip path, and ptxas serialised every wgmma of the kernel
+    (C7515); a runtime branch inside one loop avoids that but crashes Triton 3.6's pipeliner."""
+    if IS_CAUSAL or not EVEN_K:
+        first_edge = _edge_start(start_m, n_k, BLOCK_N, IS_CAUSAL)
+        # the diagonal spans ceil(BLOCK_M / BLOCK_N) key blocks (one when not causal: the ragged end)
+        for i in tl.static_range((BLOCK_M + BLOCK_N - 1) // BLOCK_N if IS_CAUSAL else 1):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, first_edge + i * BLOCK_N, bh, seed,
+                dropout_p, qk_scale2, n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
+                True, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
+            )
+    else:
+        first_edge = n_k
+    for start_n in range(0, first_edge, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        k_t = _load_tile(k_base, start_n, stride_kn, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, not EVEN_K, True)
-        qk = _dot(q, k_t, UPCAST_DOT, DOT_PRECISION)
-        k_idx = start_n + k_local
-        if SCALE_FIRST:  # additive mask or negative scale: the max must be taken after scaling
-            s = _mask_scores(
-                qk * qk_scale2, q_idx, k_idx, start_m, start_n, mask_base, stride_mm, stride_mn, n_q, n_k,
-                q_local, k_local, MASK_KIND, not EVEN_K, IS_CAUSAL, True,
-            )
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s - m_safe[:, None]
-        else:
-            qk = _mask_scores(
-                qk, q_idx, k_idx, start_m, start_n, mask_base, stride_mm, stride_mn, n_q, n_k,
-                q_local, k_local, MASK_KIND, not EVEN_K, IS_CAUSAL, True,
-            )
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale2)
-            if MASK_KIND != 0 or IS_CAUSAL or not EVEN_K:
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_safe = m_new
-            s = qk * qk_scale2 - m_safe[:, None]
-        p = tl.math.exp2(s)
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if DROPOUT:
-            # the normaliser l sums the undropped weights; dropout zeroes weights after softmax
-            p = tl.where(_dropout_keep(seed, bh, q_idx, k_idx, dropout_p), p, 0.0)
-        v = _load_tile(v_base, start_n, stride_vn, n_k, BLOCK_N, BLOCK_DV, HEAD_DIM_V, not EVEN_K, False)
-        acc = _dot_acc(p.to(v.dtype), v, acc, UPCAST_DOT, DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, start_n, bh, seed,
+            dropout_p, qk_scale2, n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
+            False, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
+        )
     return acc, l_i, m_i
 
 
@@ -349,10 +356,9 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    end = _key_end(start_m, n_k, BLOCK_M, IS_CAUSAL)
     acc, l_i, m_i = _fwd_key_blocks(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, end, bh, seed, dropout_p, qk_scale2,
-        n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
+        acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, bh, seed, dropout_p, qk_scale2, n_q, n_k,
+        stride_kn, stride_vn, stride_mm, stride_mn,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
         EVEN_K, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
     )
@@ -585,68 +591,70 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_key_blocks(
-    dq,
-    q,
-    do,
-    lse2,
-    delta,
-    k_base,
-    v_base,
-    mask_base,
-    start_m,
-    end,
-    bh,
-    seed,
-    dropout_p,
-    qk_scale2,
-    n_q,
-    n_k,
-    stride_kn,
-    stride_vn,
-    stride_mm,
-    stride_mn,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    SCALE_FIRST: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+def _dq_block(
+    dq, q, do, lse2, delta, k_base, v_base, mask_base, start_m, start_n, bh, seed, dropout_p, qk_scale2, n_q,
+    n_k, stride_kn, stride_vn, stride_mm, stride_mn,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    EDGE: tl.constexpr, SCALE_FIRST: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dQ accumulation of query rows [start_m, start_m + BLOCK_M) over the key blocks [0, end): one
-    loop with compile-time masks, as in _fwd_key_blocks (and for its reasons)."""
+    """dQ += dS·K over the keys [start_n, start_n + BLOCK_N); EDGE and the masks as in _fwd_block."""
     q_local = tl.arange(0, BLOCK_M)[:, None]
     q_idx = start_m + q_local
     k_local = tl.arange(0, BLOCK_N)[None, :]
-    for start_n in range(0, end, BLOCK_N):
+    k_idx = start_n + k_local
+    k_t = _load_tile(k_base, start_n, stride_kn, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, EDGE, True)
+    v_t = _load_tile(v_base, start_n, stride_vn, n_k, BLOCK_N, BLOCK_DV, HEAD_DIM_V, EDGE, True)
+    qk = _dot(q, k_t, UPCAST_DOT, DOT_PRECISION)
+    if SCALE_FIRST:
+        qk = qk * qk_scale2
+    qk = _mask_scores(
+        qk, q_idx, k_idx, start_m, start_n, mask_base, stride_mm, stride_mn, n_q, n_k, q_local, k_local,
+        MASK_KIND, EDGE, IS_CAUSAL, EDGE,
+    )
+    if SCALE_FIRST:
+        p = tl.math.exp2(qk - lse2[:, None])
+    else:
+        p = tl.math.exp2(qk * qk_scale2 - lse2[:, None])
+    dp = _dot(do, v_t, UPCAST_DOT, DOT_PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, q_idx, k_idx, dropout_p)
+        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    ds = p * (dp - delta[:, None])
+    return _dot_acc(ds.to(k_t.dtype), tl.trans(k_t), dq, UPCAST_DOT, DOT_PRECISION)
+
+
+@triton.jit
+def _dq_key_blocks(
+    dq, q, do, lse2, delta, k_base, v_base, mask_base, start_m, bh, seed, dropout_p, qk_scale2, n_q, n_k,
+    stride_kn, stride_vn, stride_mm, stride_mn,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_K: tl.constexpr, SCALE_FIRST: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dQ accumulation of query rows [start_m, start_m + BLOCK_M) over the key blocks they see: the
+    masked blocks first, unrolled, then one loop over the unmasked ones (see _fwd_key_blocks)."""
+    if IS_CAUSAL or not EVEN_K:
+        first_edge = _edge_start(start_m, n_k, BLOCK_N, IS_CAUSAL)
+        for i in tl.static_range((BLOCK_M + BLOCK_N - 1) // BLOCK_N if IS_CAUSAL else 1):
+            dq = _dq_block(
+                dq, q, do, lse2, delta, k_base, v_base, mask_base, start_m, first_edge + i * BLOCK_N, bh, seed,
+                dropout_p, qk_scale2, n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
+                True, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
+            )
+    else:
+        first_edge = n_k
+    for start_n in range(0, first_edge, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        k_idx = start_n + k_local
-        k_t = _load_tile(k_base, start_n, stride_kn, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, not EVEN_K, True)
-        v_t = _load_tile(v_base, start_n, stride_vn, n_k, BLOCK_N, BLOCK_DV, HEAD_DIM_V, not EVEN_K, True)
-        qk = _dot(q, k_t, UPCAST_DOT, DOT_PRECISION)
-        if SCALE_FIRST:
-            qk = qk * qk_scale2
-        qk = _mask_scores(
-            qk, q_idx, k_idx, start_m, start_n, mask_base, stride_mm, stride_mn, n_q, n_k,
-            q_local, k_local, MASK_KIND, not EVEN_K, IS_CAUSAL, True,
+        dq = _dq_block(
+            dq, q, do, lse2, delta, k_base, v_base, mask_base, start_m, start_n, bh, seed,
+            dropout_p, qk_scale2, n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
+            False, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
         )
-        if SCALE_FIRST:
-            p = tl.math.exp2(qk - lse2[:, None])
-        else:
-            p = tl.math.exp2(qk * qk_scale2 - lse2[:, None])
-        dp = _dot(do, v_t, UPCAST_DOT, DOT_PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, q_idx, k_idx, dropout_p)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq = _dot_acc(ds.to(k_t.dtype), tl.trans(k_t), dq, UPCAST_DOT, DOT_PRECISION)
     return dq
 
 
@@ -728,10 +736,9 @@ def _attn_bwd_dq_kernel(
     mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    end = _key_end(start_m, n_k, BLOCK_M, IS_CAUSAL)
     dq = _dq_key_blocks(
-        dq, q, do, lse2, delta, k_base, v_base, mask_base, start_m, end, bh, seed, dropout_p,
-        qk_scale2, n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
+        dq, q, do, lse2, delta, k_base, v_base, mask_base, start_m, bh, seed, dropout_p, qk_scale2, n_q, n_k,
+        stride_kn, stride_vn, stride_mm, stride_mn,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
         EVEN_K, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
     )
@@ -830,9 +837,11 @@ def _candidates(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_by
         else:  # Q/dO resident, K/V streamed, dQ accumulated
             resident, streamed, acc = block_m * qk_v, block_n * qk_v, block_m * block_d
         warps = 8 if wide else _warps(max(acc, block_m * block_n))
+        # causal forward/dQ: the unrolled diagonal blocks before the loop hold one more K/V tile
+        prologue = 1 if is_causal and kind != "dkdv" else 0
         for stages in _stages(max(block_d, block_dv)):
             # Triton's pipeliner keeps stages - 1 tiles in flight next to the one being consumed
-            if limit and (resident + stages * streamed) * elem_bytes > limit:
+            if limit and (resident + (stages + prologue) * streamed) * elem_bytes > limit:
                 continue
             out.append((block_m, block_n, warps, stages))
     return out
