@@ -35,14 +35,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "0"  # compile for real even where tests set the interpreter
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "benchmarks" / "results" / "static"
@@ -330,21 +327,22 @@ def parse_sass(sass: str) -> list[tuple[int, str]]:
 
 
 def hot_loop(instructions: list[tuple[int, str]], mma: str) -> dict | None:
-    """The loop (backward branch) with the most tensor-core instructions, its size, and the number
-    of instructions on the shortest path from its head to its back edge: one iteration of its
-    cheapest path (for the attention kernels, a block that needs no mask)."""
+    """The innermost loop (backward branch) with the most tensor-core instructions, its size, and
+    the number of instructions on the shortest path from its head to its back edge: one iteration
+    of its cheapest path (for the attention kernels, a block that needs no mask)."""
     index = {addr: i for i, (addr, _) in enumerate(instructions)}
-    best = None
+    loops = []
     for i, (addr, text) in enumerate(instructions):
         m = _BRANCH.search(text)
         if m and int(m.group(1), 16) <= addr and int(m.group(1), 16) in index:
             head = index[int(m.group(1), 16)]
             n_mma = sum(mma in t for _, t in instructions[head:i + 1])
-            if best is None or (n_mma, i - head) > (best[0], best[2] - best[1]):
-                best = (n_mma, head, i)
-    if best is None or best[0] == 0:
+            if n_mma:
+                loops.append((n_mma, head, i))
+    innermost = [lp for lp in loops if not any(o is not lp and lp[1] <= o[1] and o[2] <= lp[2] for o in loops)]
+    if not innermost:
         return None
-    n_mma, head, tail = best
+    n_mma, head, tail = max(innermost, key=lambda lp: (lp[0], lp[2] - lp[1]))
     return {"loop_instructions": tail - head + 1, "path_instructions": _shortest_path(instructions, index, head, tail),
             "loop_mma": n_mma}
 
@@ -506,6 +504,10 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", action="store_true", help="rewrite the README's static section")
     parser.add_argument("--quick", action="store_true", help="bf16 only, attention head dims 64 and 128 (CI)")
     args = parser.parse_args(argv)
+    # The kernel modules are imported below: they must define compiled kernels, not interpreted ones
+    # (tests set TRITON_INTERPRET=1), and Triton 3.9 warns unless the fp-fusion default is explicit.
+    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
     jobs = [j for family in (args.only or FAMILIES) for t in args.targets for j in FAMILIES[family](TARGETS[t], args.quick)]
     print(f"check-sass: {len(jobs)} compiles on {args.jobs} processes (Triton {triton.__version__})", flush=True)
