@@ -32,9 +32,9 @@ from benchmarks.common import (
     TIMING,
     Context,
     busy_warning,
+    choose_cpu_threads,
     classify_error,
     collect_stamp,
-    cpu_is_busy,
     cpu_peak_memory,
     default_context,
     measure,
@@ -294,10 +294,9 @@ def list_providers(ctx: Context, args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     ctx = default_context(args.device, args.size, args.dtype, args.threads)
-    if ctx.threads is None and cpu_is_busy(ctx):
-        # OpenMP's barriers wait for threads the OS has descheduled: on a CPU shared with other
-        # work, multi-threaded timings swing by 100x; one thread keeps them meaningful.
-        ctx.threads = 1
+    # OpenMP's barriers wait for threads the OS has descheduled: on a CPU shared with other work,
+    # every multi-threaded call reads about one time slice (~8 ms); one thread keeps them meaningful.
+    choose_cpu_threads(ctx)
     ctx.apply()
     if args.list:
         list_providers(ctx, args)
