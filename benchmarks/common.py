@@ -390,9 +390,8 @@ def _cpu_sample(fn: Callable[[], None], number: int) -> float:
     return (time.perf_counter() - start) / number
 
 
-def cpu_time(fn: Callable[[], None], total_s: float, per_call_s: float | None = None) -> dict:
-    """Min over rounds of the median sample of an already warm ``fn`` (see CPU_SAMPLE_S), within
-    about ``total_s`` (at least 3 rounds of one sample each, however slow ``fn`` is)."""
+def _cpu_plan(fn: Callable[[], None], total_s: float, per_call_s: float | None) -> tuple[int, int, int]:
+    """(calls per sample, samples per round, rounds) for an already warm ``fn``."""
     if per_call_s is None or per_call_s <= 0:
         per_call_s = _cpu_sample(fn, 1)
     number = max(1, round(CPU_SAMPLE_S / max(per_call_s, 1e-9)))
@@ -402,15 +401,44 @@ def cpu_time(fn: Callable[[], None], total_s: float, per_call_s: float | None = 
     sample_s = number * per_call_s
     per_round = max(1, min(CPU_SAMPLES_PER_ROUND, int(total_s / (CPU_ROUNDS * sample_s))))
     rounds = CPU_ROUNDS if per_round > 1 or sample_s * CPU_ROUNDS <= total_s else 3
-    medians, samples = [], []
-    for _ in range(rounds):
-        taken = sorted(_cpu_sample(fn, number) for _ in range(per_round))
-        medians.append(taken[len(taken) // 2])
-        samples += taken
-    samples.sort()
-    q1, q3 = samples[len(samples) // 4], samples[(3 * len(samples)) // 4]
-    return {"time_ms": min(medians) * 1e3, "time_iqr_ms": (q3 - q1) * 1e3, "runs": len(samples) * number,
-            "calls_per_sample": number}
+    return number, per_round, rounds
+
+
+def cpu_time_interleaved(fns: list[Callable[[], None]], total_s: float,
+                         per_call_s: list[float | None] | None = None) -> list[dict]:
+    """cpu_time of several callables (the providers of one case), their rounds interleaved: round r
+    of every provider runs before round r + 1 of any, so that a change of load on the machine
+    falls on all of them alike instead of on whichever was being timed."""
+    per_call_s = per_call_s or [None] * len(fns)
+    plans = [_cpu_plan(fn, total_s, pc) for fn, pc in zip(fns, per_call_s)]
+    medians: list[list[float]] = [[] for _ in fns]
+    samples: list[list[float]] = [[] for _ in fns]
+    spent = [0.0] * len(fns)
+    for r in range(max(rounds for _, _, rounds in plans)):
+        order = list(range(len(fns)))
+        order = order[r % len(order):] + order[:r % len(order)]  # no provider always goes first
+        for i in order:
+            number, per_round, rounds = plans[i]
+            if r >= rounds:
+                continue
+            started = time.perf_counter()
+            taken = sorted(_cpu_sample(fns[i], number) for _ in range(per_round))
+            spent[i] += time.perf_counter() - started
+            medians[i].append(taken[len(taken) // 2])
+            samples[i] += taken
+    results = []
+    for (number, _, _), mine, taken, seconds in zip(plans, medians, samples, spent):
+        taken.sort()
+        q1, q3 = taken[len(taken) // 4], taken[(3 * len(taken)) // 4]
+        results.append({"time_ms": min(mine) * 1e3, "time_iqr_ms": (q3 - q1) * 1e3, "runs": len(taken) * number,
+                        "calls_per_sample": number, "timing_s": seconds})
+    return results
+
+
+def cpu_time(fn: Callable[[], None], total_s: float, per_call_s: float | None = None) -> dict:
+    """Min over rounds of the median sample of an already warm ``fn`` (see CPU_SAMPLE_S), within
+    about ``total_s`` (at least 3 rounds of one sample each, however slow ``fn`` is)."""
+    return cpu_time_interleaved([fn], total_s, [per_call_s])[0]
 
 
 def time_callable(fn: Callable[[], None], ctx: Context, per_call_s: float | None = None) -> dict:
@@ -460,8 +488,9 @@ def cuda_peak_memory(runner: Runner) -> float:
 ROTATE_BELOW_S = 0.02
 
 
-def measure(workload: Workload, mode: str, ctx: Context, memory: bool = True) -> dict:
-    """Probe, warm up and time one mode of a workload (and its GPU peak memory). Errors propagate."""
+def prepare(workload: Workload, mode: str, ctx: Context) -> tuple[Runner, float]:
+    """Probe and warm up one mode of a workload: (the runner, the probe's seconds per call). Errors
+    propagate (the provider cannot run this case)."""
     runner = Runner(workload, mode, copies=1)
     runner()  # probe: compiles, autotunes, raises when the provider cannot run this case
     per_call = seconds_per_call(runner, ctx.device)
@@ -470,11 +499,29 @@ def measure(workload: Workload, mode: str, ctx: Context, memory: bool = True) ->
         runner = Runner(workload, mode, copies=copies)
         for _ in range(copies):  # warm every copy once
             runner()
-    result = {"per_call_s": per_call, "copies": runner.copies}
-    result.update(time_callable(runner, ctx, per_call))
-    if memory and ctx.gpu and mode in MEMORY_MODES:
-        result["peak_mem_mib"] = cuda_peak_memory(runner)
-    return result
+    return runner, per_call
+
+
+def time_prepared(prepared: list[tuple[Runner, float]], ctx: Context, memory: bool = True) -> list[dict]:
+    """Time prepared runners (the providers of one case and mode): interleaved on the CPU, one after
+    another with do_bench on a GPU (plus its peak memory)."""
+    if not ctx.gpu:
+        timings = cpu_time_interleaved([r for r, _ in prepared], TIMING[ctx.size][0], [pc for _, pc in prepared])
+        return [{"per_call_s": pc, "copies": r.copies, **t} for (r, pc), t in zip(prepared, timings)]
+    results = []
+    for runner, per_call in prepared:
+        started = time.perf_counter()
+        result = {"per_call_s": per_call, "copies": runner.copies, **time_callable(runner, ctx, per_call)}
+        if memory and runner.mode in MEMORY_MODES:
+            result["peak_mem_mib"] = cuda_peak_memory(runner)
+        result["timing_s"] = time.perf_counter() - started
+        results.append(result)
+    return results
+
+
+def measure(workload: Workload, mode: str, ctx: Context, memory: bool = True) -> dict:
+    """Probe, warm up and time one mode of a workload (and its GPU peak memory). Errors propagate."""
+    return time_prepared([prepare(workload, mode, ctx)], ctx, memory)[0]
 
 
 @contextlib.contextmanager
