@@ -383,11 +383,18 @@ CPU_ROUNDS = 5
 CPU_SAMPLES_PER_ROUND = 7
 
 
-def _cpu_sample(fn: Callable[[], None], number: int) -> float:
-    start = time.perf_counter()
+def cpu_clock() -> Callable[[], float]:
+    """The clock of CPU samples: on one thread (where torch runs every op inline in the calling
+    thread) that thread's CPU time, which a preemption by another process does not advance; with
+    more threads the wall clock (the workers' time would not show in the caller's CPU time)."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+def _cpu_sample(fn: Callable[[], None], number: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
     for _ in range(number):
         fn()
-    return (time.perf_counter() - start) / number
+    return (clock() - start) / number
 
 
 def _cpu_plan(fn: Callable[[], None], total_s: float, per_call_s: float | None) -> tuple[int, int, int]:
@@ -405,11 +412,13 @@ def _cpu_plan(fn: Callable[[], None], total_s: float, per_call_s: float | None) 
 
 
 def cpu_time_interleaved(fns: list[Callable[[], None]], total_s: float,
-                         per_call_s: list[float | None] | None = None) -> list[dict]:
+                         per_call_s: list[float | None] | None = None,
+                         clock: Callable[[], float] | None = None) -> list[dict]:
     """cpu_time of several callables (the providers of one case), their rounds interleaved: round r
     of every provider runs before round r + 1 of any, so that a change of load on the machine
     falls on all of them alike instead of on whichever was being timed."""
     per_call_s = per_call_s or [None] * len(fns)
+    clock = clock or cpu_clock()
     plans = [_cpu_plan(fn, total_s, pc) for fn, pc in zip(fns, per_call_s)]
     medians: list[list[float]] = [[] for _ in fns]
     samples: list[list[float]] = [[] for _ in fns]
@@ -422,7 +431,7 @@ def cpu_time_interleaved(fns: list[Callable[[], None]], total_s: float,
             if r >= rounds:
                 continue
             started = time.perf_counter()
-            taken = sorted(_cpu_sample(fns[i], number) for _ in range(per_round))
+            taken = sorted(_cpu_sample(fns[i], number, clock) for _ in range(per_round))
             spent[i] += time.perf_counter() - started
             medians[i].append(taken[len(taken) // 2])
             samples[i] += taken
@@ -431,14 +440,16 @@ def cpu_time_interleaved(fns: list[Callable[[], None]], total_s: float,
         taken.sort()
         q1, q3 = taken[len(taken) // 4], taken[(3 * len(taken)) // 4]
         results.append({"time_ms": min(mine) * 1e3, "time_iqr_ms": (q3 - q1) * 1e3, "runs": len(taken) * number,
-                        "calls_per_sample": number, "timing_s": seconds})
+                        "calls_per_sample": number, "timing_s": seconds,
+                        "clock": "thread_cpu" if clock is time.thread_time else "wall"})
     return results
 
 
-def cpu_time(fn: Callable[[], None], total_s: float, per_call_s: float | None = None) -> dict:
+def cpu_time(fn: Callable[[], None], total_s: float, per_call_s: float | None = None,
+             clock: Callable[[], float] | None = None) -> dict:
     """Min over rounds of the median sample of an already warm ``fn`` (see CPU_SAMPLE_S), within
     about ``total_s`` (at least 3 rounds of one sample each, however slow ``fn`` is)."""
-    return cpu_time_interleaved([fn], total_s, [per_call_s])[0]
+    return cpu_time_interleaved([fn], total_s, [per_call_s], clock)[0]
 
 
 def time_callable(fn: Callable[[], None], ctx: Context, per_call_s: float | None = None) -> dict:

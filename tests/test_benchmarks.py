@@ -359,9 +359,32 @@ def test_cpu_time_takes_the_smallest_round_median():
         if calls["n"] <= 5:  # the first round (5 samples of one call)
             time.sleep(0.002)
 
-    result = common.cpu_time(sometimes_slow, total_s=0.05, per_call_s=0.002)
+    result = common.cpu_time(sometimes_slow, total_s=0.05, per_call_s=0.002, clock=time.perf_counter)
     assert result["time_ms"] < 1.0, result
     assert result["runs"] >= 3
+
+
+def test_one_thread_samples_cpu_time_that_preemption_does_not_advance():
+    """On one thread a sample is the thread's CPU time: a sleep (as a preemption) does not count,
+    the work does."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert common.cpu_clock() is time.thread_time
+        x = torch.randn(512, 512)
+
+        def work_then_sleep():
+            x @ x
+            time.sleep(0.003)
+
+        cpu = common.cpu_time(work_then_sleep, total_s=0.05, per_call_s=0.004)
+        wall = common.cpu_time(work_then_sleep, total_s=0.05, per_call_s=0.004, clock=time.perf_counter)
+        assert cpu["clock"] == "thread_cpu" and wall["clock"] == "wall"
+        assert 0 < cpu["time_ms"] < wall["time_ms"] - 2.5, (cpu, wall)
+        torch.set_num_threads(2)
+        assert common.cpu_clock() is time.perf_counter
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_other_runnable_tasks_sees_a_busy_core():
