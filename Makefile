@@ -11,7 +11,7 @@ CUDA_ARCHS ?= $(shell $(NVCC) --list-gpu-arch 2>/dev/null | grep -q compute_70 &
 # The half/bfloat16 macros torch's CUDAExtension builds with, so the check sees what the build sees.
 CUDA_CHECK_FLAGS ?= -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
 
-.PHONY: deps build test test-gpu lint check-cuda check-sass bench gpu-report train clean
+.PHONY: deps build test test-cuda-emulated test-gpu lint check-cuda check-sass bench gpu-report train clean
 
 # Installs only what is missing, so it also runs on a machine with no network but everything there.
 deps:
@@ -24,6 +24,11 @@ build: deps
 
 test: build
 	$(PYTHON) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup -q
+
+# The CUDA kernels and their glue compiled as C++ and run on the CPU emulator against the oracle
+# (csrc/cuda/tools/emulate; ~1.5 min to build once into build/cuda_emu, ~1-2 min to run on 2 cores).
+test-cuda-emulated: deps
+	$(PYTHON) -m pytest csrc/cuda/tools/emulate/test_emulated.py -q -n 0
 
 test-gpu: build
 	$(PYTHON) -m pytest tests -m gpu -q

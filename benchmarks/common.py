@@ -3,8 +3,9 @@
 Every family script (bench_*.py) describes its cases and providers and builds a ``Workload`` per
 (provider, case); this module turns a workload into a measurement the same way for all of them:
 
-- time: warm-up, then the median of repeated runs: ``triton.testing.do_bench`` (CUDA events, L2
-  flushed between runs) on a GPU, ``torch.utils.benchmark.Timer.blocked_autorange`` on the CPU; the
+- time: warm-up, then repeated runs: the median of ``triton.testing.do_bench`` (CUDA events, L2
+  flushed between runs) on a GPU; on the CPU the smallest of several round medians of ~1 ms samples
+  (``cpu_time``), on one thread whenever other processes compete for the cores; the
   timed callable cycles through several copies of its inputs whenever one copy would fit in the
   last-level cache, so repeated runs do not find their inputs already cached;
 - peak memory: the memory a run needs above its inputs. On a GPU ``torch.cuda.max_memory_allocated``
@@ -372,19 +373,95 @@ def seconds_per_call(fn: Callable[[], None], device: str) -> float:
     return time.perf_counter() - start
 
 
-def time_callable(fn: Callable[[], None], ctx: Context) -> dict:
-    """Median time of an already warm ``fn``, with its interquartile range and number of runs."""
+# CPU timing. A sample is the mean wall time of ``number`` back-to-back calls, sized to last about
+# CPU_SAMPLE_S: long enough that the clock's resolution and the call overhead do not matter, short
+# enough (under the scheduler's time slice) that most samples see no preemption at all by other
+# processes. Samples are taken in rounds; the result is the smallest round median: a round during
+# which other work ran reads high and is discarded, and a median is not fooled by one lucky sample.
+CPU_SAMPLE_S = 1e-3
+CPU_ROUNDS = 5
+CPU_SAMPLES_PER_ROUND = 7
+
+
+def cpu_clock() -> Callable[[], float]:
+    """The clock of CPU samples: on one thread (where torch runs every op inline in the calling
+    thread) that thread's CPU time, which a preemption by another process does not advance; with
+    more threads the wall clock (the workers' time would not show in the caller's CPU time)."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+def _cpu_sample(fn: Callable[[], None], number: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
+    for _ in range(number):
+        fn()
+    return (clock() - start) / number
+
+
+def _cpu_plan(fn: Callable[[], None], total_s: float, per_call_s: float | None) -> tuple[int, int, int]:
+    """(calls per sample, samples per round, rounds) for an already warm ``fn``."""
+    if per_call_s is None or per_call_s <= 0:
+        per_call_s = _cpu_sample(fn, 1)
+    number = max(1, round(CPU_SAMPLE_S / max(per_call_s, 1e-9)))
+    if number > 1:  # a second estimate over a full sample: the first call of a batch is the slowest
+        per_call_s = _cpu_sample(fn, number)
+        number = max(1, round(CPU_SAMPLE_S / max(per_call_s, 1e-9)))
+    sample_s = number * per_call_s
+    per_round = max(1, min(CPU_SAMPLES_PER_ROUND, int(total_s / (CPU_ROUNDS * sample_s))))
+    rounds = CPU_ROUNDS if per_round > 1 or sample_s * CPU_ROUNDS <= total_s else 3
+    return number, per_round, rounds
+
+
+def cpu_time_interleaved(fns: list[Callable[[], None]], total_s: float,
+                         per_call_s: list[float | None] | None = None,
+                         clock: Callable[[], float] | None = None) -> list[dict]:
+    """cpu_time of several callables (the providers of one case), their rounds interleaved: round r
+    of every provider runs before round r + 1 of any, so that a change of load on the machine
+    falls on all of them alike instead of on whichever was being timed."""
+    per_call_s = per_call_s or [None] * len(fns)
+    clock = clock or cpu_clock()
+    plans = [_cpu_plan(fn, total_s, pc) for fn, pc in zip(fns, per_call_s)]
+    medians: list[list[float]] = [[] for _ in fns]
+    samples: list[list[float]] = [[] for _ in fns]
+    spent = [0.0] * len(fns)
+    for r in range(max(rounds for _, _, rounds in plans)):
+        order = list(range(len(fns)))
+        order = order[r % len(order):] + order[:r % len(order)]  # no provider always goes first
+        for i in order:
+            number, per_round, rounds = plans[i]
+            if r >= rounds:
+                continue
+            started = time.perf_counter()
+            taken = sorted(_cpu_sample(fns[i], number, clock) for _ in range(per_round))
+            spent[i] += time.perf_counter() - started
+            medians[i].append(taken[len(taken) // 2])
+            samples[i] += taken
+    results = []
+    for (number, _, _), mine, taken, seconds in zip(plans, medians, samples, spent):
+        taken.sort()
+        q1, q3 = taken[len(taken) // 4], taken[(3 * len(taken)) // 4]
+        results.append({"time_ms": min(mine) * 1e3, "time_iqr_ms": (q3 - q1) * 1e3, "runs": len(taken) * number,
+                        "calls_per_sample": number, "timing_s": seconds,
+                        "clock": "thread_cpu" if clock is time.thread_time else "wall"})
+    return results
+
+
+def cpu_time(fn: Callable[[], None], total_s: float, per_call_s: float | None = None,
+             clock: Callable[[], float] | None = None) -> dict:
+    """Min over rounds of the median sample of an already warm ``fn`` (see CPU_SAMPLE_S), within
+    about ``total_s`` (at least 3 rounds of one sample each, however slow ``fn`` is)."""
+    return cpu_time_interleaved([fn], total_s, [per_call_s], clock)[0]
+
+
+def time_callable(fn: Callable[[], None], ctx: Context, per_call_s: float | None = None) -> dict:
+    """Time of an already warm ``fn`` (GPU: median of do_bench; CPU: see cpu_time), with its
+    interquartile range and number of runs."""
     min_run_time, warmup_ms, rep_ms, _ = TIMING[ctx.size]
     if ctx.gpu:
         import triton.testing
 
         q1, median, q3 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.25, 0.5, 0.75])
         return {"time_ms": median, "time_iqr_ms": q3 - q1, "runs": None}
-    from torch.utils import benchmark
-
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    return {"time_ms": measurement.median * 1e3, "time_iqr_ms": measurement.iqr * 1e3, "runs": len(measurement.times)}
+    return cpu_time(fn, min_run_time, per_call_s)
 
 
 def classify_error(exc: BaseException, caught_warnings=()) -> tuple[str, str]:
@@ -422,8 +499,9 @@ def cuda_peak_memory(runner: Runner) -> float:
 ROTATE_BELOW_S = 0.02
 
 
-def measure(workload: Workload, mode: str, ctx: Context, memory: bool = True) -> dict:
-    """Probe, warm up and time one mode of a workload (and its GPU peak memory). Errors propagate."""
+def prepare(workload: Workload, mode: str, ctx: Context) -> tuple[Runner, float]:
+    """Probe and warm up one mode of a workload: (the runner, the probe's seconds per call). Errors
+    propagate (the provider cannot run this case)."""
     runner = Runner(workload, mode, copies=1)
     runner()  # probe: compiles, autotunes, raises when the provider cannot run this case
     per_call = seconds_per_call(runner, ctx.device)
@@ -432,11 +510,29 @@ def measure(workload: Workload, mode: str, ctx: Context, memory: bool = True) ->
         runner = Runner(workload, mode, copies=copies)
         for _ in range(copies):  # warm every copy once
             runner()
-    result = {"per_call_s": per_call, "copies": runner.copies}
-    result.update(time_callable(runner, ctx))
-    if memory and ctx.gpu and mode in MEMORY_MODES:
-        result["peak_mem_mib"] = cuda_peak_memory(runner)
-    return result
+    return runner, per_call
+
+
+def time_prepared(prepared: list[tuple[Runner, float]], ctx: Context, memory: bool = True) -> list[dict]:
+    """Time prepared runners (the providers of one case and mode): interleaved on the CPU, one after
+    another with do_bench on a GPU (plus its peak memory)."""
+    if not ctx.gpu:
+        timings = cpu_time_interleaved([r for r, _ in prepared], TIMING[ctx.size][0], [pc for _, pc in prepared])
+        return [{"per_call_s": pc, "copies": r.copies, **t} for (r, pc), t in zip(prepared, timings)]
+    results = []
+    for runner, per_call in prepared:
+        started = time.perf_counter()
+        result = {"per_call_s": per_call, "copies": runner.copies, **time_callable(runner, ctx, per_call)}
+        if memory and runner.mode in MEMORY_MODES:
+            result["peak_mem_mib"] = cuda_peak_memory(runner)
+        result["timing_s"] = time.perf_counter() - started
+        results.append(result)
+    return results
+
+
+def measure(workload: Workload, mode: str, ctx: Context, memory: bool = True) -> dict:
+    """Probe, warm up and time one mode of a workload (and its GPU peak memory). Errors propagate."""
+    return time_prepared([prepare(workload, mode, ctx)], ctx, memory)[0]
 
 
 @contextlib.contextmanager
@@ -620,24 +716,59 @@ def collect_stamp(device: str) -> dict:
         "commit_dirty": dirty,
         "cpu_count": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "other_runnable_tasks": None if device == "cuda" else other_runnable_tasks(samples=10),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
+def other_runnable_tasks(samples: int = 20, interval_s: float = 0.01) -> float | None:
+    """Mean number of runnable tasks other than this one, from /proc/stat's procs_running sampled
+    over ``samples * interval_s`` seconds (None where there is no /proc/stat)."""
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/stat") as stat:
+                counts += [int(line.split()[1]) for line in stat if line.startswith("procs_running")]
+        except (OSError, ValueError, IndexError):
+            return None
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    return max(0.0, sum(counts) / len(counts) - 1) if counts else None
+
+
 def cpu_is_busy(ctx: Context) -> bool:
-    """Other processes keep more runnable threads than there are cores (CPU runs only)."""
-    if ctx.gpu or not hasattr(os, "getloadavg"):
+    """Other processes compete for the cores (CPU runs only): on average half a task or more other
+    than this one is runnable (the load average is not used: it lags, and counts the build that
+    `make bench` runs just before). A multi-threaded op
+    then waits at each parallel region for its descheduled worker, which the scheduler runs again
+    only after the other process's time slice: every call reads ~8 ms however cheap it is."""
+    if ctx.gpu:
         return False
-    return os.getloadavg()[0] > (os.cpu_count() or 1)
+    others = other_runnable_tasks()
+    return others is not None and others >= 0.5
+
+
+def choose_cpu_threads(ctx: Context) -> None:
+    """One thread when the user left the count open and other processes compete for the cores."""
+    if ctx.threads is None and cpu_is_busy(ctx):
+        ctx.threads = 1
 
 
 def busy_warning(stamp: dict) -> str | None:
-    """A warning when other processes kept the CPUs busy at the start of a CPU run (the timings
-    of a multi-threaded op then include waits for descheduled threads)."""
-    load, cores = stamp.get("load_average_1m"), stamp.get("cpu_count")
-    if stamp.get("device") != "cpu" or load is None or not cores or load <= cores:
+    """A warning when other processes competed for the CPUs at the start of a CPU run."""
+    load, cores, others = stamp.get("load_average_1m"), stamp.get("cpu_count"), stamp.get("other_runnable_tasks")
+    if stamp.get("device") != "cpu" or not cores:
         return None
-    return f"the machine was busy (load average {load:g} on {cores} cores): CPU timings are unreliable"
+    if others is not None and others >= 0.5:
+        what = f"{others:.1f} other runnable tasks on {cores} cores"
+    elif load is not None and load > cores:
+        what = f"load average {load:g} on {cores} cores"
+    else:
+        return None
+    threads = stamp.get("cpu_threads")
+    consequence = ("timed on one thread, timings may still carry some interference" if threads == 1
+                   else "multi-threaded CPU timings are unreliable")
+    return f"the machine was busy ({what}): {consequence}"
 
 
 def stamp_line(stamp: dict) -> str:

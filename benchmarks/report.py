@@ -95,15 +95,40 @@ def _cell(record: dict | None, value_key: str) -> str:
     return "skipped" if error.startswith("skipped") else ("error" if error else "—")
 
 
+# The provider that stands for "torch's own op" in a family, first found: the ratio column's baseline.
+TORCH_BASELINES = ("torch", "sdpa", "sdpa-flash")
+
+
+def torch_baseline(providers: list[str]) -> str | None:
+    return next((p for p in TORCH_BASELINES if p in providers), None)
+
+
+def _ratio_cell(fast: dict | None, base: dict | None) -> str:
+    """Speed of ``fast`` relative to ``base`` (base time / fast time: > 1 means faster)."""
+    if not fast or not base or fast["status"] != "ok" or base["status"] != "ok":
+        return "—"
+    if not fast.get("time_ms") or not base.get("time_ms"):
+        return "—"
+    return f"{base['time_ms'] / fast['time_ms']:.2f}x"
+
+
 def results_table(data: dict, series: str, mode: str, value_key: str = "metric") -> str | None:
-    """x down, providers across; None when nothing ran in this series."""
+    """x down, providers across; None when nothing ran in this series. Time tables end with one
+    column per fastattn provider: its speed relative to torch's own op (> 1x: fastattn faster)."""
     providers = _ran_providers(data, series)
     if not providers:
         return None
     by_key = {(r["x"], r["provider"]): r for r in _records(data, series, mode)}
     xs = sorted({r["x"] for r in _records(data, series, mode)})
     rows = [[human_size(x)] + [_cell(by_key.get((x, p)), value_key) for p in providers] for x in xs]
-    return _table([_x_short(data)] + [f"`{p}`" for p in providers], rows)
+    header = [_x_short(data)] + [f"`{p}`" for p in providers]
+    baseline = torch_baseline(providers) if value_key == "metric" else None
+    if baseline:
+        for fast in (p for p in providers if p.startswith("fastattn-")):
+            header.append(f"`{fast}` vs `{baseline}`")
+            for row, x in zip(rows, xs):
+                row.append(_ratio_cell(by_key.get((x, fast)), by_key.get((x, baseline))))
+    return _table(header, rows)
 
 
 def _notes(data: dict, series: str) -> list[str]:
@@ -155,7 +180,8 @@ def render_family_markdown(data: dict, plots: bool = True, link_prefix: str = ""
     """The full tables of one family: every series, every mode, peak memory, missing providers."""
     unit = data["metric_unit"]
     out = [f"## {data['title']}: {data['stamp']['device_name']}", "", stamp_line(data["stamp"]), "",
-           f"Context: {_context_line(data)}. Cells: {unit} (median time); peak memory in MiB above the inputs.", ""]
+           f"Context: {_context_line(data)}. Cells: {unit} (median time); peak memory in MiB above the inputs; "
+           "`fastattn-X` vs `torch`: torch's time over fastattn's (> 1x: fastattn faster).", ""]
     missing = missing_providers(data)
     if missing:
         out += ["Not measured here:", *missing, ""]

@@ -32,15 +32,16 @@ from benchmarks.common import (
     TIMING,
     Context,
     busy_warning,
+    choose_cpu_threads,
     classify_error,
     collect_stamp,
-    cpu_is_busy,
     cpu_peak_memory,
     default_context,
-    measure,
     metric_value,
+    prepare,
     recording_warnings,
     settle_garbage,
+    time_prepared,
     write_json,
 )
 
@@ -142,32 +143,52 @@ class FamilyTimer:
         series_order = {c.series: i for i, c in reversed(list(enumerate(cases)))}
         records = []
         for case in sorted(cases, key=lambda c: (c.x, series_order[c.series])):
-            for provider in providers:
-                records += self._provider_case(case, provider)
-                _free(self.ctx)
+            records += self._case(case, providers)
+            _free(self.ctx)
         return records
 
-    def _provider_case(self, case, provider: str) -> list[dict]:
-        """All modes of one provider on one case; the workload is built once for them."""
-        built: dict = {}
+    def _case(self, case, providers: list[str]) -> list[dict]:
+        """Every mode of every provider on one case. Per mode all providers are probed first, then
+        timed together (interleaved on the CPU); a workload is built once per provider."""
+        built: dict[str, dict] = {p: {} for p in providers}
         records = []
         for mode in self.module.MODES:
-            self.progress.describe(f"{self.module.FAMILY} {provider} {case.x} {mode}")
-            record = {"series": case.series, "x": case.x, "params": case.params, "provider": provider,
-                      "mode": mode, "work": case.work.get(mode), "status": "ok", "reason": None}
-            skip = self._skip_reason(provider, case.series, mode)
-            if skip:
-                record.update(status="skipped", reason=skip)
-            else:
+            prepared = []  # (record, runner, per-call seconds) of the providers that can run
+            for provider in providers:
+                self.progress.describe(f"{self.module.FAMILY} {provider} {case.x} {mode}")
+                record = {"series": case.series, "x": case.x, "params": case.params, "provider": provider,
+                          "mode": mode, "work": case.work.get(mode), "status": "ok", "reason": None}
+                records.append(record)
+                skip = self._skip_reason(provider, case.series, mode)
+                if skip:
+                    record.update(status="skipped", reason=skip)
+                    continue
                 started = time.monotonic()
-                record.update(self._measure(case, provider, mode, built))
+                runner, failure = self._prepare(case, provider, mode, built[provider])
                 self.spent[provider] += time.monotonic() - started
-                self._note_limits(record, (provider, case.series, mode))
-                _free(self.ctx)
-            if record["status"] == "ok":
-                record["metric"] = metric_value(self.module.METRIC, record["work"], record["time_ms"])
-            records.append(record)
-            self.progress.update()
+                if failure:
+                    record.update(failure)
+                    self._note_limits(record, (provider, case.series, mode))
+                else:
+                    prepared.append((record, *runner))
+            if prepared:
+                self.progress.describe(f"{self.module.FAMILY} {case.x} {mode}: timing {len(prepared)} providers")
+                try:
+                    timings = time_prepared([(r, pc) for _, r, pc in prepared], self.ctx)
+                except Exception as exc:  # recorded for every provider timed together: the suite goes on
+                    status, reason = classify_error(exc)
+                    timings = [{"status": status, "reason": reason}] * len(prepared)
+                for (record, _, _), timing in zip(prepared, timings):
+                    timing = dict(timing)
+                    self.spent[record["provider"]] += timing.pop("timing_s", 0.0)
+                    record.update(timing)
+                    self._note_limits(record, (record["provider"], case.series, mode))
+            del prepared
+            _free(self.ctx)
+            for record in records[-len(providers):]:
+                if record["status"] == "ok":
+                    record["metric"] = metric_value(self.module.METRIC, record["work"], record["time_ms"])
+                self.progress.update()
         return records
 
     def _skip_reason(self, provider: str, series: str, mode: str) -> str | None:
@@ -179,8 +200,9 @@ class FamilyTimer:
             return f"this provider used its share ({PROVIDER_SHARE * self.budget_s:g} s) of the family's time budget"
         return None
 
-    def _measure(self, case, provider: str, mode: str, built: dict) -> dict:
-        """The measurement, or the status and reason of the failure (a failed build fails every mode)."""
+    def _prepare(self, case, provider: str, mode: str, built: dict):
+        """((runner, per-call seconds), None), or (None, the status and reason of the failure); a
+        failed build fails every mode."""
         caught = []
         try:
             with recording_warnings() as caught:
@@ -192,10 +214,10 @@ class FamilyTimer:
                     except Exception as exc:
                         built["error"] = exc
                         raise
-                return measure(built["workload"], mode, self.ctx)
+                return prepare(built["workload"], mode, self.ctx), None
         except Exception as exc:  # classified and recorded: the suite goes on
             status, reason = classify_error(exc, caught)
-            return {"status": status, "reason": reason}
+            return None, {"status": status, "reason": reason}
 
     def _note_limits(self, record: dict, key: tuple) -> None:
         """Skip larger sizes of this provider, series and mode after an OOM or a too slow call."""
@@ -294,10 +316,9 @@ def list_providers(ctx: Context, args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     ctx = default_context(args.device, args.size, args.dtype, args.threads)
-    if ctx.threads is None and cpu_is_busy(ctx):
-        # OpenMP's barriers wait for threads the OS has descheduled: on a CPU shared with other
-        # work, multi-threaded timings swing by 100x; one thread keeps them meaningful.
-        ctx.threads = 1
+    # OpenMP's barriers wait for threads the OS has descheduled: on a CPU shared with other work,
+    # every multi-threaded call reads about one time slice (~8 ms); one thread keeps them meaningful.
+    choose_cpu_threads(ctx)
     ctx.apply()
     if args.list:
         list_providers(ctx, args)

@@ -12,6 +12,7 @@ decoder writes the restored text.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -82,11 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if not math.isfinite(args.temperature):
+            raise TrainError(f"--temperature must be a finite number >= 0, got {args.temperature}")
         if (args.max_new_tokens or 0) < 0 or args.num_samples < 1 or args.temperature < 0:
             raise TrainError("--max-new-tokens must be >= 0, --num-samples >= 1 and --temperature >= 0")
         if args.top_k is not None and args.top_k < 1:
             raise TrainError(f"--top-k must be >= 1, got {args.top_k}")
-        if args.top_p is not None and not 0 < args.top_p <= 1:
+        if args.top_p is not None and not 0 < args.top_p <= 1:  # also refuses nan
             raise TrainError(f"--top-p must be in (0, 1], got {args.top_p}")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise TrainError("--device cuda: no CUDA device here")

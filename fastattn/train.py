@@ -100,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args) -> None:
     def positive(name, value, allow_zero=False):
-        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-            raise TrainError(f"--{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+        finite = value is None or math.isfinite(value)  # nan and inf pass every comparison below
+        if not finite or (value is not None and (value < 0 or (value == 0 and not allow_zero))):
+            raise TrainError(f"--{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value}")
 
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "lr", "log_interval", "eval_interval", "eval_iters"):
         positive(name.replace("_", "-"), getattr(args, name))
@@ -109,6 +110,8 @@ def check_args(args) -> None:
         positive(name.replace("_", "-"), getattr(args, name), allow_zero=True)
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
         raise TrainError(f"--stop-at must be in [1, --steps={args.steps}], got {args.stop_at}")
+    if not 0.0 <= args.min_lr_ratio <= 1.0:
+        raise TrainError(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
     if not 0.0 <= args.dropout < 1.0:
         raise TrainError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -232,6 +235,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (some exceptions, e.g. an empty file's, have none)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """A fastattn checkpoint as saved by this script, loaded with weights_only=True."""
     path = Path(path)
@@ -239,8 +248,8 @@ def load_checkpoint(path: str | Path) -> dict:
         raise TrainError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: say so, no traceback
-        raise TrainError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # a truncated, empty or foreign file: say so, no traceback
+        raise TrainError(f"cannot read checkpoint {path}: {first_line(exc)}") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
         raise TrainError(f"{path} is not a fastattn.train checkpoint (no model/config/step entries)")
     return ckpt
@@ -291,9 +300,25 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The metrics lines that are whole JSON objects with a step; a line cut short by a killed run
+    (or any other garbage) is dropped with a warning, since a resume rewrites the file anyway."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int):
+            kept.append(entry)
+        else:
+            dropped += 1
+    if dropped:
+        print(f"python -m fastattn.train: warning: {path}: dropped {dropped} unreadable line(s)", file=sys.stderr)
+    return kept
 
 
 def plot_losses(metrics: list[dict], path: Path) -> None:
@@ -520,6 +545,8 @@ def prepare(args, d: Dist):
     if args.fsdp and args.dtype == "fp16":
         raise TrainError("--fsdp trains in fp32 or bf16 (fp16's GradScaler is not sharded here)")
     out = Path(args.out or f"runs/{args.arch}-{args.preset}")
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} exists and is not a folder")
     ckpt_path = out / CHECKPOINT
     if ckpt_path.exists() and not (args.resume or args.overwrite):
         raise TrainError(f"{ckpt_path} exists: pass --resume to continue it, --overwrite to start afresh, or another --out")
@@ -565,14 +592,23 @@ def train_loop(trainer: Trainer, out: Path) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     loss_sum, since, t_last = torch.zeros((), device=device), 0, time.perf_counter()
+    # The first step whose loss was not finite (0: none), kept on the device: no sync per step.
+    bad_step = torch.zeros((), dtype=torch.int64, device=device)
     try:
         while trainer.step < end:
             lr = trainer.optimizer.param_groups[0]["lr"]
-            loss_sum += trainer.train_step()
+            loss = trainer.train_step()
+            loss_sum += loss
             since += 1
             step = trainer.step
+            bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss), step, bad_step)
             bar.update(1)
-            if step % args.log_interval == 0 or step == end:
+            logging = step % args.log_interval == 0 or step == end
+            saving = args.ckpt_interval and step % args.ckpt_interval == 0 and step != end
+            evaluating = step % args.eval_interval == 0 or step == args.steps
+            if logging or saving or evaluating:
+                check_finite_loss(trainer, bad_step)
+            if logging:
                 (loss,) = trainer._all_reduce(loss_sum.item() / since)
                 now = time.perf_counter()
                 entry = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_step * since / (now - t_last),
@@ -583,17 +619,18 @@ def train_loop(trainer: Trainer, out: Path) -> None:
                 t_last, since = now, 0
                 write_metrics(metrics_file, entry)
                 bar.set_postfix_str(progress_text(entry))
-            if step % args.eval_interval == 0 or step == args.steps:
+            if evaluating:
                 entry = {"step": step, **trainer.evaluate()}
                 write_metrics(metrics_file, entry)
                 if d.main:
                     bar.write(f"step {step}: val loss {entry['val_loss']:.4f}, accuracy {entry['val_accuracy']:.3f}")
                 t_last = time.perf_counter()  # the evaluation's time is not training time
-            if args.ckpt_interval and step % args.ckpt_interval == 0 and step != end:
+            if saving:
                 trainer.save(out / CHECKPOINT)
     except KeyboardInterrupt:
         # An interruption between steps keeps the last completed one, as --stop-at would.
         bar.close()
+        check_finite_loss(trainer, bad_step)
         if d.main:
             print(f"interrupted: saving step {trainer.step} to {out / CHECKPOINT}", file=sys.stderr)
         trainer.save(out / CHECKPOINT)
@@ -602,10 +639,23 @@ def train_loop(trainer: Trainer, out: Path) -> None:
         bar.close()
         if metrics_file:
             metrics_file.close()
+    check_finite_loss(trainer, bad_step)
     trainer.save(out / CHECKPOINT)
     if d.main:
         plot_losses(read_metrics(out / METRICS), out / "loss.png")
         print(f"step {trainer.step}/{args.steps}: checkpoint, metrics and loss.png in {out}")
+
+
+def check_finite_loss(trainer: Trainer, bad_step: torch.Tensor) -> None:
+    """Stop before a non-finite loss reaches the metrics or a checkpoint (the weights are ruined)."""
+    local = int(bad_step.item())
+    (any_bad,) = trainer._all_reduce(float(local))
+    if any_bad:
+        where = f"step {local}" if local else "a step of another process"
+        raise TrainError(
+            f"the loss is not finite at {where} (lower --lr, clip gradients with --grad-clip, "
+            "or use another --dtype); no checkpoint was written after it"
+        )
 
 
 def write_metrics(file, entry: dict) -> None:

@@ -358,3 +358,94 @@ def test_gpu_fp16_with_grad_scaler(tmp_path):
                         "--log-interval", "5", "--eval-interval", "20")
     assert all(m["loss"] == m["loss"] for m in metrics if "loss" in m)  # no NaN
     assert losses(metrics)[-1] < losses(metrics)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# found by fuzzing: each a one-line error and a non-zero exit, never a traceback
+# --------------------------------------------------------------------------------------------
+
+
+def test_empty_checkpoint_is_reported(tmp_path, capsys):
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    code = train.main([*COMMON, "--out", str(tmp_path), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot read checkpoint" in err and "Traceback" not in err
+    code = generate.main(["--checkpoint", str(tmp_path / "checkpoint.pt")])
+    assert code == 2 and "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_truncated_metrics_line_does_not_block_resume(small_checkpoint, tmp_path, capsys):
+    """A run killed mid-write leaves half a line; a resume drops it (and any garbage) and goes on."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(small_checkpoint, out)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('not json at all\n[1, 2]\n{"step": 3, "lo')
+    metrics = train_run(out, "--steps", "3", "--batch-size", "2", "--seq-len", "16", "--eval-iters", "1", "--resume")
+    assert [m["step"] for m in metrics if "loss" in m][-1] == 3
+    assert "dropped 3 unreadable line(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--weight-decay", "inf"], "--weight-decay must be >= 0 and finite, got inf"),
+        (["--lr", "nan"], "--lr must be > 0 and finite, got nan"),
+        (["--grad-clip", "nan"], "--grad-clip must be >= 0 and finite, got nan"),
+        (["--min-lr-ratio", "-2"], "--min-lr-ratio must be in [0, 1], got -2.0"),
+        (["--min-lr-ratio", "nan"], "--min-lr-ratio must be in [0, 1], got nan"),
+    ],
+)
+def test_non_finite_or_out_of_range_hyperparameters_are_refused(tmp_path, capsys, args, message):
+    code = train.main([*COMMON, "--out", str(tmp_path / "out"), "--steps", "2", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_non_finite_loss_stops_training_with_its_step(tmp_path, capsys, monkeypatch):
+    original = train.Trainer.train_step
+
+    def train_step(self):
+        loss = original(self)
+        return torch.full_like(loss, float("nan")) if self.step == 2 else loss
+
+    monkeypatch.setattr(train.Trainer, "train_step", train_step)
+    out = tmp_path / "out"
+    code = train.main([*COMMON, "--out", str(out), "--steps", "4", "--batch-size", "2", "--seq-len", "16",
+                       "--eval-iters", "1", "--log-interval", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the loss is not finite at step 2" in err and "Traceback" not in err
+    assert not (out / "checkpoint.pt").exists()  # no checkpoint of ruined weights
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+
+
+def test_out_an_existing_file_is_refused(tmp_path, capsys):
+    path = tmp_path / "a-file"
+    path.write_text("keep me")
+    code = train.main([*COMMON, "--out", str(path), "--steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not a folder" in err and "Traceback" not in err
+    assert path.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_generate_refuses_a_non_finite_temperature(small_checkpoint, capsys, value):
+    code = generate.main(["--checkpoint", str(small_checkpoint / "checkpoint.pt"), "--temperature", value])
+    err = capsys.readouterr().err
+    assert code == 2 and "--temperature must be a finite number" in err
+
+
+def test_binary_data_file_is_named_as_binary(tmp_path, capsys):
+    data = tmp_path / "weights.bin"
+    data.write_bytes(bytes(range(256)) * 64)
+    code = train.main([*COMMON, "--out", str(tmp_path / "out"), "--data", str(data), "--steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a binary file" in err and "0 bytes" not in err
+    folder = tmp_path / "binaries"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"\0" * 100)
+    code = train.main([*COMMON, "--out", str(tmp_path / "out"), "--data", str(folder), "--steps", "2"])
+    assert code == 2 and "only binary files" in capsys.readouterr().err

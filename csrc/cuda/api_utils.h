@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -138,14 +139,19 @@ inline const char* error_string(cudaError_t err) { return cudaGetErrorString(err
 #endif
 
 // at::empty for kernel outputs, NaN-filled under FASTATTN_POISON_OUTPUTS=1 (as fastattn.utils.empty)
-// so that an element a kernel forgot to write shows in the tests.
+// so that an element a kernel forgot to write shows in the tests. FASTATTN_GUARD_OUTPUTS=G (tests
+// only) also puts G NaN elements before and after a floating output in one allocation, so that a
+// test can check through the storage that no kernel wrote past either end.
 inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
   const char* poison = std::getenv("FASTATTN_POISON_OUTPUTS");
-  if (poison != nullptr && std::strcmp(poison, "1") == 0 && out.is_floating_point()) {
-    out.fill_(std::numeric_limits<double>::quiet_NaN());
-  }
-  return out;
+  const bool poisoned = poison != nullptr && std::strcmp(poison, "1") == 0 && at::isFloatingType(options.dtype().toScalarType());
+  const char* guard_env = poisoned ? std::getenv("FASTATTN_GUARD_OUTPUTS") : nullptr;
+  const int64_t guard = guard_env != nullptr ? std::max<int64_t>(0, std::atoll(guard_env)) : 0;
+  int64_t numel = 1;
+  for (int64_t size : sizes) numel *= size;
+  at::Tensor out = guard > 0 ? at::empty({numel + 2 * guard}, options) : at::empty(sizes, options);
+  if (poisoned) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return guard > 0 ? out.narrow(0, guard, numel).view(sizes) : out;
 }
 
 inline void check_launch(cudaError_t err, const char* op) {

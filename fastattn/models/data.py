@@ -60,7 +60,7 @@ def read_corpus(path: str | os.PathLike | None = None, max_bytes: int = 16 << 20
         if not path.exists():
             raise DataError(f"--data: no such file or folder: {path}")
         files = _files_under(path, None) if path.is_dir() else [path]
-    chunks, total = [], 0
+    chunks, total, binary = [], 0, 0
     for file in files:
         try:
             data = file.read_bytes()
@@ -68,12 +68,17 @@ def read_corpus(path: str | os.PathLike | None = None, max_bytes: int = 16 << 20
             if path is not None and not Path(path).is_dir():
                 raise DataError(f"--data: cannot read {file}: {exc.strerror}") from None
             continue
-        if b"\0" in data[:4096]:  # a binary file in a folder
+        if b"\0" in data[:4096]:  # a binary file: skipped in a folder, refused on its own
+            if path is not None and not Path(path).is_dir():
+                raise DataError(f"--data: {file} is a binary file (a NUL byte in its first 4 KiB): give a text file")
+            binary += 1
             continue
         chunks.append(data[: max_bytes - total])
         total += len(chunks[-1])
         if total >= max_bytes:
             break
+    if path is not None and not chunks and binary:
+        raise DataError(f"--data: {path} holds only binary files ({binary} skipped): give text")
     return b"".join(chunks)
 
 

@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 os.environ["FASTATTN_POISON_OUTPUTS"] = "1"  # the glue NaN-fills outputs: unwritten elements show
+GUARD = 67  # NaN elements the glue puts before and after each floating output (api_utils.h new_output)
+os.environ["FASTATTN_GUARD_OUTPUTS"] = str(GUARD)
 
 from helpers import assert_rule  # noqa: E402
 
@@ -64,11 +66,42 @@ def _build():
     return torch.ops.fastattn_emu
 
 
+def assert_guards_intact(t: torch.Tensor, name: str) -> None:
+    """The GUARD elements before and after an output in its allocation are still NaN: no kernel
+    wrote past either end of it."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    flat = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (t.untyped_storage().nbytes() // t.element_size(),))
+    start, end = t.storage_offset(), t.storage_offset() + t.numel()
+    assert start == GUARD and flat.numel() == end + GUARD, f"{name}: not allocated with guard bands"
+    before, after = flat[:start], flat[end:]
+    assert torch.isnan(before).all(), f"{name}: written before its start at {(~torch.isnan(before)).nonzero().flatten()}"
+    assert torch.isnan(after).all(), f"{name}: written past its end at {(~torch.isnan(after)).nonzero().flatten()}"
+
+
+class GuardedOps:
+    """torch.ops.fastattn_emu whose every call checks the guard bands of the outputs it returns."""
+
+    def __init__(self, ops):
+        self._ops = ops
+
+    def __getattr__(self, name):
+        op = getattr(self._ops, name)
+
+        def call(*args):
+            result = op(*args)
+            for i, t in enumerate(result if isinstance(result, (tuple, list)) else [result]):
+                assert_guards_intact(t, f"{name} output {i}")
+            return result
+
+        return call
+
+
 @pytest.fixture(scope="session")
 def ops():
     if not os.path.exists(os.path.join(CUDA_INCLUDE, "cuda_runtime.h")):
         pytest.skip(f"no CUDA headers under {CUDA_INCLUDE}")
-    return _build()
+    return GuardedOps(_build())
 
 
 @pytest.fixture(autouse=True)
@@ -169,6 +202,21 @@ ATTENTION_CASES = [
     ("fp32", 1, 2, 2, 19, 50, 64, 32, False, "fully_masked_rows", 0.3, "padded"),
     ("fp32", 1, 1, 1, 9, 40, 256, 256, False, None, 0.0, "contiguous"),
 ]
+# Ragged lengths around every block size the attention kernels use (query blocks 64/32/16/8, key
+# blocks 64/32/16; which one depends on D, the arch and fwd/bwd): Nq and Nk = block - 1, block + 1,
+# 2·block - 1, so a last block that is one row short or one row over shows. A list of its own so
+# that a kernel change (e.g. the backward's dQ phase) can extend it without touching the rest.
+RAGGED_BLOCKS = {64: (64, 32), 128: (32, 16), 256: (16, 8)}  # D -> the block sizes its kernels use
+ATTENTION_RAGGED_CASES = [
+    (dtype, 1, 2, 1, nq, nk, d, d, causal, None, 0.0, "contiguous")
+    for d, blocks in RAGGED_BLOCKS.items()
+    for block in blocks
+    for (nq, nk), causal, dtype in zip(
+        [(block - 1, block + 1), (block + 1, block - 1), (2 * block - 1, 2 * block - 1), (block + 1, 2 * block - 1)],
+        [False, True, True, False],
+        ["fp16", "bf16", "fp16", "fp32"],
+    )
+]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -184,7 +232,7 @@ def _lse_oracle(q, k, mask, causal, scale):
 
 
 @pytest.mark.parametrize("sm", [80, 75])
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=_attention_case_id)
+@pytest.mark.parametrize("case", ATTENTION_CASES + ATTENTION_RAGGED_CASES, ids=_attention_case_id)
 def test_attention(ops, emulated_sm, case, sm):
     dtype_name, b, hq, hkv, nq, nk, d, dv, causal, mask_kind, dropout_p, layout = case
     if sm == 75 and dtype_name == "fp32":
@@ -289,6 +337,16 @@ SOFTMAX_CASES = [
     ("fp32", (2, 3, 1500), False, "bool_rows", False, True, 1.0),
     ("fp16", (3, 2100), True, "float", True, False, 1.0),
     ("fp32", (2, 1, 1, 1, 1, 1, 1, 1, 1, 3, 9), False, "bool", True, False, 1.0),
+    # ragged rows and row counts around the warp (32 lanes), the 8 rows of a warp-per-row block,
+    # 256-thread blocks and the 3-block grid cap
+    ("fp32", (7, 31), False, None, False, False, 1.0),
+    ("fp16", (9, 33), False, "bool", True, False, 1.0),
+    ("bf16", (17, 63), False, None, False, True, 1.0),
+    ("fp32", (25, 65), True, None, False, False, 1.0),
+    ("fp16", (3, 255), False, "bool", False, True, 1.0),
+    ("fp32", (4, 257), False, None, True, False, 1.0),
+    ("fp32", (2, 1023), False, None, False, False, 1.0),
+    ("bf16", (2, 1025), False, "bool", False, False, 1.0),
 ]
 
 
@@ -329,17 +387,22 @@ def test_softmax(ops, case):
 # ---------------------------------------------------------------------------------------------
 
 
+FFN_SHAPES = [(37, 24), (31, 66), (33, 130), (2, 514)]  # (rows, columns of h): ragged around 32/64/128/256
+
+
+@pytest.mark.parametrize("shape", FFN_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"])
 @pytest.mark.parametrize("dtype_name,dropout_p,bias", [("fp32", 0.0, True), ("fp16", 0.25, True), ("bf16", 0.0, False)])
-def test_ffn_act(ops, activation, dtype_name, dropout_p, bias):
+def test_ffn_act(ops, activation, dtype_name, dropout_p, bias, shape):
     dtype = DTYPES[dtype_name]
-    h = (torch.randn(37, 24) * 3).to(dtype)
+    rows, cols = shape
+    h = (torch.randn(rows, cols) * 3).to(dtype)
     h = h.t().contiguous().t()  # column-major storage
-    b = torch.randn(24).to(dtype) if bias else None
+    b = torch.randn(cols).to(dtype) if bias else None
     seed = 987654321
     out = ops.ffn_act_fwd(h, b, activation, dropout_p, seed)
-    hidden = 12 if activation in ("swiglu", "geglu") else 24
-    drop = keep_mask(seed, (37, hidden), dropout_p).double() / (1 - dropout_p) if dropout_p > 0 else 1.0
+    hidden = cols // 2 if activation in ("swiglu", "geglu") else cols
+    drop = keep_mask(seed, (rows, hidden), dropout_p).double() / (1 - dropout_p) if dropout_p > 0 else 1.0
 
     def run_reference(hh, bb):
         pre = hh if bb is None else hh + bb
@@ -348,9 +411,9 @@ def test_ffn_act(ops, activation, dtype_name, dropout_p, bias):
     h64, b64 = h.double().requires_grad_(), None if b is None else b.double()
     hl, bl = h.clone().requires_grad_(), b
     oracle, naive = run_reference(h64, b64), run_reference(hl, bl)
-    assert out.shape == (37, hidden) and out.dtype == dtype
+    assert out.shape == (rows, hidden) and out.dtype == dtype
     assert_rule(out, naive, oracle, k=2)
-    grad = torch.randn(37, hidden).to(dtype)
+    grad = torch.randn(rows, hidden).to(dtype)
     dh = ops.ffn_act_bwd(grad, h, b, activation, dropout_p, seed)
     assert_rule(dh, torch.autograd.grad(naive, hl, grad)[0], torch.autograd.grad(oracle, h64, grad.double())[0], k=3)
 
@@ -367,6 +430,13 @@ NORM_CASES = [
     ("bf16", 9, 64, True, False, False, False),
     ("fp32", 3, 9000, True, True, True, False),  # N beyond the register partials
     ("fp16", 40, 96, False, True, True, False),  # more rows than partial-sum blocks
+    # ragged columns around the warp, the block and kColsInRegisters·blockDim (register partials)
+    ("fp32", 7, 31, True, True, True, False),
+    ("bf16", 5, 33, False, True, False, False),
+    ("fp16", 3, 255, True, True, True, True),
+    ("fp32", 9, 257, False, True, True, False),
+    ("fp32", 2, 2047, True, True, True, False),
+    ("fp16", 2, 2049, False, True, True, False),
 ]
 
 
@@ -428,3 +498,22 @@ def test_norm(ops, case, rms):
         assert dweight.numel() == 0
     if dbias is not None and not with_bias:
         assert dbias.numel() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the guard bands themselves
+# ---------------------------------------------------------------------------------------------
+
+
+def test_guard_bands_catch_a_write_past_either_end(ops):
+    """The check the GuardedOps wrapper runs on every output fails on one element written just
+    before or just after an output."""
+    y = ops.softmax_fwd(torch.randn(3, 5), None, 1.0, False, False)
+    assert y.storage_offset() == GUARD and not torch.isnan(y).any()
+    flat = torch.empty(0, dtype=y.dtype).set_(y.untyped_storage(), 0, (y.numel() + 2 * GUARD,))
+    for index in (GUARD - 1, GUARD + y.numel()):
+        flat[index] = 0.0
+        with pytest.raises(AssertionError, match="written"):
+            assert_guards_intact(y, "y")
+        flat[index] = float("nan")
+    assert_guards_intact(y, "y")
