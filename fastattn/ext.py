@@ -14,6 +14,10 @@ What the autograd saves:
 
 ``dropout_mask(shape, p, seed, device)`` returns the keep mask the kernels draw (csrc/dropout_rng.h),
 so that tests can reproduce a kernel's dropout exactly with the reference implementation.
+
+The dropout seed is a one-element int64 tensor on the inputs' device (None without dropout; see
+functional._dropout_seed); the autograd saves it with the tensors, so the backward draws the
+forward's mask.
 """
 
 from __future__ import annotations
@@ -118,14 +122,14 @@ def _register_fakes() -> None:
 def _attention_setup(ctx, inputs, output):
     q, k, v, mask, scale, is_causal, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask)
-    ctx.args = (scale, is_causal, dropout_p, seed)
+    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+    ctx.args = (scale, is_causal, dropout_p)
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, mask = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fastattn.attention_bwd(dout, q, k, v, out, lse, mask, *ctx.args)
+    q, k, v, out, lse, mask, seed = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fastattn.attention_bwd(dout, q, k, v, out, lse, mask, *ctx.args, seed)
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -148,13 +152,13 @@ def _softmax_backward(ctx, dy):
 
 def _ffn_act_setup(ctx, inputs, output):
     h, bias, activation, dropout_p, seed = inputs
-    ctx.save_for_backward(h, bias)
-    ctx.args = (activation, dropout_p, seed)
+    ctx.save_for_backward(h, bias, seed)
+    ctx.args = (activation, dropout_p)
 
 
 def _ffn_act_backward(ctx, grad):
-    h, bias = ctx.saved_tensors
-    dh = torch.ops.fastattn.ffn_act_bwd(grad, h, bias, *ctx.args)
+    h, bias, seed = ctx.saved_tensors
+    dh = torch.ops.fastattn.ffn_act_bwd(grad, h, bias, *ctx.args, seed)
     dbias = dh.sum(0) if bias is not None and ctx.needs_input_grad[1] else None
     return dh, dbias, None, None, None
 
@@ -222,7 +226,7 @@ def _register_dropout_mask_fallbacks() -> None:
 
     def on_cpu(like, p, seed):
         cpu_like = torch.empty((), device="cpu").expand(like.shape)
-        return torch.ops.fastattn.dropout_mask(cpu_like, p, seed).to(like.device)
+        return torch.ops.fastattn.dropout_mask(cpu_like, p, seed.cpu()).to(like.device)
 
     if not _has_kernel("dropout_mask", "CUDA"):
         torch.library.impl("fastattn::dropout_mask", "CUDA")(on_cpu)
@@ -234,15 +238,23 @@ if _import_error is None:
     _register_dropout_mask_fallbacks()
 
 
-def dropout_mask(shape, p: float, seed: int, device="cpu") -> torch.Tensor:
-    """The dropout keep mask (bool, True = kept) the extension's kernels draw for ``seed``.
+def seed_tensor(seed, device="cpu") -> torch.Tensor:
+    """An int seed as the ops take it (a one-element int64 tensor on ``device``); a tensor as is."""
+    if isinstance(seed, torch.Tensor):
+        return seed
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+
+
+def dropout_mask(shape, p: float, seed, device="cpu") -> torch.Tensor:
+    """The dropout keep mask (bool, True = kept) the extension's kernels draw for ``seed`` (an int,
+    or the seed tensor the ops take).
 
     ``shape`` is (B, Hq, Nq, Nk) for attention weights and (M, hidden) for the FFN's activation.
     """
     if _import_error is not None:
         raise ImportError(_import_error)
     like = torch.empty((), device=device).expand(tuple(shape))
-    return torch.ops.fastattn.dropout_mask(like, float(p), int(seed))
+    return torch.ops.fastattn.dropout_mask(like, float(p), seed_tensor(seed, device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,22 +280,22 @@ class _FeedForward(torch.autograd.Function):
         h = torch.mm(x, w1.t())
         a = torch.ops.fastattn.ffn_act_fwd(h, b1, activation, dropout_p, seed)
         out = torch.mm(a, w2.t()) if b2 is None else torch.addmm(b2, a, w2.t())
-        ctx.save_for_backward(x, w1, b1, w2, h)
-        ctx.args = (activation, dropout_p, seed)
+        ctx.save_for_backward(x, w1, b1, w2, h, seed)
+        ctx.args = (activation, dropout_p)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, w1, b1, w2, h = ctx.saved_tensors
+        x, w1, b1, w2, h, seed = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         dx = dw1 = db1 = dw2 = db2 = None
         if need_w2:
-            a = torch.ops.fastattn.ffn_act_fwd(h, b1, *ctx.args)
+            a = torch.ops.fastattn.ffn_act_fwd(h, b1, *ctx.args, seed)
             dw2 = grad.t().mm(a)
         if need_b2:
             db2 = grad.sum(0)
         if need_x or need_w1 or need_b1:
-            dh = torch.ops.fastattn.ffn_act_bwd(grad.mm(w2), h, b1, *ctx.args)
+            dh = torch.ops.fastattn.ffn_act_bwd(grad.mm(w2), h, b1, *ctx.args, seed)
             dx = dh.mm(w1) if need_x else None
             dw1 = dh.t().mm(x) if need_w1 else None
             db1 = dh.sum(0) if need_b1 else None

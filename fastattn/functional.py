@@ -6,7 +6,8 @@ Canonical op arguments (what every backend's ``Op.fn`` receives):
 - ``attention(q, k, v, mask, scale, is_causal, dropout_p, seed) -> out``
   q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), any strides, Hq % Hkv == 0;
   mask None or a (B, Hq, Nq, Nk) view (stride 0 where broadcast: never materialised), bool
-  (True = attend) or floating (added to the scores); scale a float; seed an int (dropout RNG).
+  (True = attend) or floating (added to the scores); scale a float; seed the dropout RNG's seed,
+  a one-element int64 tensor on q's device (None when dropout_p == 0, see ``_dropout_seed``).
 - ``softmax(x, mask, scale, is_causal, log) -> y``, along x's last dim, x (..., N) any strides;
   mask None or a view of x's shape; is_causal masks column j > row i, i the index along dim -2.
 - ``feed_forward(x, w1, b1, w2, b2, activation, dropout_p, seed) -> out``, x (M, K).
@@ -76,12 +77,16 @@ def _check_mask(name: str, mask, target_shape, device) -> None:
         raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to {tuple(target_shape)}")
 
 
-def _dropout_seed(dropout_p: float) -> int:
-    """A seed for the kernels' counter-based RNG, drawn from torch's (CPU) generator so that
-    torch.manual_seed makes dropout reproducible; 0 and no draw when there is no dropout."""
+def _dropout_seed(dropout_p: float, device) -> torch.Tensor | None:
+    """The seed of the kernels' counter-based RNG: a one-element int64 tensor drawn on ``device``
+    from torch's generator of that device, so torch.manual_seed makes dropout reproducible (on the
+    CPU it is the number the earlier int seed was). A tensor, not a Python int: torch.compile keeps
+    the draw in the graph (no .item(), no graph break), and on CUDA nothing waits for the GPU (the
+    kernels read the seed from device memory; CUDA graphs replay a fresh draw). The autograd saves
+    it, so the backward regenerates the forward's mask. None, and no draw, without dropout."""
     if dropout_p == 0.0:
-        return 0
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+        return None
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
 
 
 def _autocast(device_type: str, *tensors):
@@ -194,7 +199,7 @@ def scaled_dot_product_attention(
     mask = None
     if attn_mask is not None:
         mask = attn_mask.expand(*batch, h_q, n_q, n_k).reshape(b, h_q, n_q, n_k)
-    seed = _dropout_seed(dropout_p)
+    seed = _dropout_seed(dropout_p, q.device)
     out = dispatch.call("attention", q.device, q, k, v, mask, scale, bool(is_causal), dropout_p, seed)
     return out.reshape(out_shape)
 
@@ -291,7 +296,7 @@ def feed_forward(x, w1, b1=None, w2=None, b2=None, *, activation="gelu", dropout
     if x.numel() == 0 or w1.numel() == 0:
         return reference.feed_forward(x, w1, b1, w2, b2, activation).reshape(out_shape)
     x2 = x.reshape(-1, x.size(-1))
-    seed = _dropout_seed(dropout_p)
+    seed = _dropout_seed(dropout_p, x.device)
     out = dispatch.call("feed_forward", x.device, x2, w1, b1, w2, b2, activation, dropout_p, seed)
     return out.reshape(out_shape)
 

@@ -165,12 +165,37 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, residual=None):
 # --------------------------------------------------------------------------------------------
 
 
+def _as_int64(c: int) -> int:
+    """A 64-bit constant as the signed int64 torch stores (multiplication wraps the same way)."""
+    return c - (1 << 64) if c >= (1 << 63) else c
+
+
+def _shift_right(z: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical (unsigned) shift right of int64 values."""
+    return (z >> n) & ((1 << (64 - n)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ _shift_right(z, 30)) * _as_int64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shift_right(z, 27)) * _as_int64(0x94D049BB133111EB)
+    return z ^ _shift_right(z, 31)
+
+
+def dropout_keep(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
+    """The keep mask (bool, True = kept) of csrc/dropout_rng.h for the seed tensor (one int64
+    element), element offsets being linear indices in ``shape``: the extension's kernels' mask,
+    computed with torch ops so that torch.compile keeps it in the graph (no .item()). The reference
+    backend uses it, so it drops the same elements as the cpu and cuda backends."""
+    key = _mix64(seed.reshape(()).to(torch.int64) ^ 0x5DEECE66D)
+    offsets = torch.arange(1, math.prod(shape) + 1, dtype=torch.int64, device=seed.device).reshape(shape)
+    bits = _shift_right(_mix64(key + offsets * _as_int64(0x9E3779B97F4A7C15)), 40)
+    return bits >= math.ceil(dropout_p * 16777216.0)
+
+
 def _attention_op(q, k, v, mask, scale, is_causal, dropout_p, seed):
     dropout_mask = None
     if dropout_p > 0.0:
-        gen = torch.Generator(device=q.device).manual_seed(seed)
-        shape = (*q.shape[:-1], k.size(-2))
-        dropout_mask = torch.rand(shape, generator=gen, device=q.device) >= dropout_p
+        dropout_mask = dropout_keep(seed, (*q.shape[:-1], k.size(-2)), dropout_p).to(q.device)
     return attention(q, k, v, mask, dropout_p, is_causal, scale, q.size(1) != k.size(1), dropout_mask)
 
 
@@ -181,9 +206,7 @@ def _softmax_op(x, mask, scale, is_causal, log):
 def _feed_forward_op(x, w1, b1, w2, b2, activation, dropout_p, seed):
     dropout_mask = None
     if dropout_p > 0.0:
-        gen = torch.Generator(device=x.device).manual_seed(seed)
-        hidden = w2.size(1)
-        dropout_mask = torch.rand((x.size(0), hidden), generator=gen, device=x.device) >= dropout_p
+        dropout_mask = dropout_keep(seed, (x.size(0), w2.size(1)), dropout_p).to(x.device)
     return feed_forward(x, w1, b1, w2, b2, activation, dropout_p, dropout_mask)
 
 

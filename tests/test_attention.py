@@ -341,7 +341,7 @@ def test_triton_dropout_matches_oracle_with_the_kernels_keep_mask(case):
     def ref(q, k, v, m):
         return reference.attention(q, k, v, m, p, is_causal, scale, h != h_kv, dropout_mask=keep.to(q.device))
 
-    out = attention(*leaves, mask, scale, is_causal, p, seed)
+    out = attention(*leaves, mask, scale, is_causal, p, torch.tensor([seed], device=DEVICE))
     naive_leaves = [t.detach().requires_grad_() for t in leaves]
     naive = ref(*naive_leaves, mask)
     oracle_leaves = [_as_oracle(t) for t in leaves]
@@ -451,7 +451,7 @@ def test_triton_op_without_keys_gives_zeros_and_infinite_lse():
     if fastattn.backends()["triton"] is not None:
         pytest.skip(f"triton: {fastattn.backends()['triton']}")
     q, k, v = _qkv(1, 2, 2, 5, 0, 16, requires_grad=(False, False, False))
-    out, lse = torch.ops.fastattn_triton.attention_fwd(q, k, v, None, 0.25, False, 0.0, 0)
+    out, lse = torch.ops.fastattn_triton.attention_fwd(q, k, v, None, 0.25, False, 0.0, None)
     assert out.shape == (1, 2, 5, 16) and (out == 0).all()
     assert lse.shape == (1, 2, 5) and (lse == float("inf")).all()
 
@@ -460,7 +460,7 @@ def test_triton_lse_is_the_natural_log_sum_exp():
     if fastattn.backends()["triton"] is not None:
         pytest.skip(f"triton: {fastattn.backends()['triton']}")
     q, k, v = _qkv(1, 2, 2, 20, 27, 32, requires_grad=(False, False, False))
-    _, lse = torch.ops.fastattn_triton.attention_fwd(q, k, v, None, 0.3, True, 0.0, 0)
+    _, lse = torch.ops.fastattn_triton.attention_fwd(q, k, v, None, 0.3, True, 0.0, None)
     scores = reference.attention_scores(q.double(), k.double(), is_causal=True, scale=0.3)
     torch.testing.assert_close(lse.double(), scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
 
@@ -515,11 +515,82 @@ def test_compile_fullgraph_triton(dtype):
     _compiled_check("triton", "inductor", dtype)
 
 
+def _dropout_fn(q, k, v):
+    return fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True)
+
+
+def _seeded_run(backend, fn, q, k, v, dout, torch_seed):
+    torch.manual_seed(torch_seed)
+    with fastattn.use_backend(backend):
+        out = fn(q, k, v)
+    return out, torch.autograd.grad(out, (q, k, v), dout)
+
+
+def _check_compiled_dropout(backend, compile_backend):
+    """fullgraph=True with dropout (the seed tensor is drawn in the graph: a .item() would break it):
+    the same torch.manual_seed gives eager's output and gradients exactly, and the compiled
+    backward regenerates the compiled forward's mask (one-hot V: dV = (dropped P)ᵀ·dO)."""
+    b, h, n_q, n_k, d = 2, 2, 24, 20, 32
+    q, k, _ = _qkv(b, h, h, n_q, n_k, d)
+    v = _identity_values(b, h, n_k, d, torch.float32)
+    _forced(backend, lambda: _dropout_fn(q, k, v))  # skips if unserved
+    dout = torch.randn(b, h, n_q, d, device=DEVICE)
+    torch._dynamo.reset()
+    compiled = torch.compile(_dropout_fn, fullgraph=True, backend=compile_backend)
+    eager_out, eager_grads = _seeded_run(backend, _dropout_fn, q, k, v, dout, torch_seed=3)
+    out, grads = _seeded_run(backend, compiled, q, k, v, dout, torch_seed=3)
+    torch.testing.assert_close(out, eager_out, rtol=0, atol=0)
+    for name, g, w in zip("qkv", grads, eager_grads):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=lambda m, name=name: f"d{name}: {m}")
+    dropped = out[..., :n_k]
+    with fastattn.use_backend(backend):
+        probs = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)[..., :n_k]
+    assert ((dropped == 0) & (probs != 0)).any(), "nothing was dropped"
+    torch.testing.assert_close(grads[2], dropped.transpose(-1, -2) @ dout, rtol=1e-5, atol=1e-5)
+    other, _ = _seeded_run(backend, compiled, q, k, v, dout, torch_seed=4)
+    assert not torch.equal(other, out), "another torch.manual_seed gave the same mask"
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
+def test_compile_fullgraph_dropout_on_the_cpu(backend):
+    _check_compiled_dropout(backend, "aot_eager")
+
+
+@pytest.mark.gpu
+def test_compile_fullgraph_dropout_triton():
+    """Inductor lowers the seed's torch.randint with its own RNG, so its draws differ from eager's:
+    fallback_random keeps torch's, so the comparison with eager stays exact."""
+    with torch._inductor.config.patch(fallback_random=True):
+        _check_compiled_dropout("triton", "inductor")
+
+
+def test_reference_and_cpu_drop_the_same_weights():
+    """Both draw csrc/dropout_rng.h's mask from the seed tensor: same torch.manual_seed, same output."""
+    q, k, v = _qkv(2, 2, 2, 19, 23, 16)
+    outs = []
+    for backend in ("reference", "cpu"):
+        torch.manual_seed(9)
+        outs.append(_forced(backend, lambda: fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.4)))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_dropout_draws_nothing(backend):
+    """dropout_p = 0 costs no RNG draw (no seed tensor, no randint launch): the generator is where
+    torch.manual_seed left it."""
+    q, k, v = _qkv(1, 2, 2, 8, 8, 16)
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    _forced(backend, lambda: fastattn.scaled_dot_product_attention(q, k, v, dropout_p=0.0))
+    assert torch.equal(torch.rand(4), expected)
+
+
 @pytest.mark.gpu
 def test_triton_ops_pass_opcheck():
     q, k, v = _qkv(1, 4, 2, 70, 90, 64, dtype=torch.float16)
     mask = torch.rand(1, 1, 1, 90, device=DEVICE).expand(1, 4, 70, 90) > 0.2
-    torch.library.opcheck(torch.ops.fastattn_triton.attention_fwd, (q, k, v, mask, 0.125, True, 0.1, 3))
+    torch.library.opcheck(torch.ops.fastattn_triton.attention_fwd, (q, k, v, mask, 0.125, True, 0.1, torch.tensor([3], device=DEVICE)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,11 +65,12 @@ def _opcheck_cases(device):
     """(name, op, args) with small random inputs; forward ops get inputs that require grad."""
     g = {"device": device, "requires_grad": True}
     d = {"device": device}
+    seed = lambda n: ext.seed_tensor(n, device)  # noqa: E731
     q, k, v = randn(2, 4, 9, 16, **g), randn(2, 2, 11, 16, **g), randn(2, 2, 11, 8, **g)
     bool_mask = (torch.rand(2, 1, 1, 11, device=device) > 0.3).expand(2, 4, 9, 11)
     float_mask = randn(9, 11, **d).expand(2, 4, 9, 11)
-    out, lse = ops.attention_fwd(q, k, v, bool_mask, 0.25, True, 0.0, 0)
-    out_p, lse_p = ops.attention_fwd(q, k, v, None, 0.25, False, 0.3, 5)
+    out, lse = ops.attention_fwd(q, k, v, bool_mask, 0.25, True, 0.0, None)
+    out_p, lse_p = ops.attention_fwd(q, k, v, None, 0.25, False, 0.3, seed(5))
     x = randn(3, 5, 24, **g)
     y = ops.softmax_fwd(x, None, 1.0, False, False)
     y_log = ops.softmax_fwd(x, None, 0.5, True, True)
@@ -80,22 +81,22 @@ def _opcheck_cases(device):
     dt = lambda t: randn(*t.shape, **d)  # noqa: E731
     det = lambda *ts: [t.detach() for t in ts]  # noqa: E731
     return [
-        ("attention_fwd", ops.attention_fwd, (q, k, v, None, 0.25, False, 0.0, 0)),
-        ("attention_fwd_causal_bool_mask", ops.attention_fwd, (q, k, v, bool_mask, 0.25, True, 0.0, 0)),
-        ("attention_fwd_float_mask_dropout", ops.attention_fwd, (q, k, v, float_mask, 0.3, False, 0.2, 7)),
-        ("attention_bwd", ops.attention_bwd, (dt(out), *det(q, k, v, out, lse), bool_mask, 0.25, True, 0.0, 0)),
-        ("attention_bwd_dropout", ops.attention_bwd, (dt(out_p), *det(q, k, v, out_p, lse_p), None, 0.25, False, 0.3, 5)),
-        ("dropout_mask", ops.dropout_mask, (torch.empty((), device=device).expand(2, 3, 5, 7), 0.3, 11)),
+        ("attention_fwd", ops.attention_fwd, (q, k, v, None, 0.25, False, 0.0, None)),
+        ("attention_fwd_causal_bool_mask", ops.attention_fwd, (q, k, v, bool_mask, 0.25, True, 0.0, None)),
+        ("attention_fwd_float_mask_dropout", ops.attention_fwd, (q, k, v, float_mask, 0.3, False, 0.2, seed(7))),
+        ("attention_bwd", ops.attention_bwd, (dt(out), *det(q, k, v, out, lse), bool_mask, 0.25, True, 0.0, None)),
+        ("attention_bwd_dropout", ops.attention_bwd, (dt(out_p), *det(q, k, v, out_p, lse_p), None, 0.25, False, 0.3, seed(5))),
+        ("dropout_mask", ops.dropout_mask, (torch.empty((), device=device).expand(2, 3, 5, 7), 0.3, seed(11))),
         ("softmax_fwd", ops.softmax_fwd, (x, None, 1.0, False, False)),
         ("softmax_fwd_mask_causal_log", ops.softmax_fwd, (x, randn(5, 24, **d).expand(3, 5, 24), 0.5, True, True)),
         ("softmax_fwd_bool_mask", ops.softmax_fwd, (x, torch.rand(3, 1, 24, device=device).gt(0.2).expand(3, 5, 24), 2.0, False, False)),
         ("softmax_bwd", ops.softmax_bwd, (dt(y), y.detach(), 1.0, False)),
         ("softmax_bwd_log", ops.softmax_bwd, (dt(y_log), y_log.detach(), 0.5, True)),
-        ("ffn_act_fwd_gelu", ops.ffn_act_fwd, (h, b1, "gelu", 0.0, 0)),
-        ("ffn_act_fwd_swiglu_dropout", ops.ffn_act_fwd, (h, None, "swiglu", 0.25, 3)),
-        ("ffn_act_fwd_geglu_bias", ops.ffn_act_fwd, (h, b1, "geglu", 0.0, 0)),
-        ("ffn_act_bwd_gelu_tanh", ops.ffn_act_bwd, (randn(6, 20, **d), h.detach(), b1.detach(), "gelu_tanh", 0.1, 2)),
-        ("ffn_act_bwd_swiglu", ops.ffn_act_bwd, (randn(6, 10, **d), h.detach(), None, "swiglu", 0.0, 0)),
+        ("ffn_act_fwd_gelu", ops.ffn_act_fwd, (h, b1, "gelu", 0.0, None)),
+        ("ffn_act_fwd_swiglu_dropout", ops.ffn_act_fwd, (h, None, "swiglu", 0.25, seed(3))),
+        ("ffn_act_fwd_geglu_bias", ops.ffn_act_fwd, (h, b1, "geglu", 0.0, None)),
+        ("ffn_act_bwd_gelu_tanh", ops.ffn_act_bwd, (randn(6, 20, **d), h.detach(), b1.detach(), "gelu_tanh", 0.1, seed(2))),
+        ("ffn_act_bwd_swiglu", ops.ffn_act_bwd, (randn(6, 10, **d), h.detach(), None, "swiglu", 0.0, None)),
         ("layer_norm_fwd", ops.layer_norm_fwd, (xn, None, w, b, 1e-5)),
         ("layer_norm_fwd_residual", ops.layer_norm_fwd, (xn, res, w, b, 1e-5)),
         ("layer_norm_fwd_no_affine", ops.layer_norm_fwd, (xn, None, None, None, 1e-5)),
@@ -155,7 +156,7 @@ def _attention_check(q, k, v, mask=None, scale=None, is_causal=False, dropout_p=
     def ref(qq, kk, vv, mm):
         return reference.attention(qq, kk, vv, mm, dropout_p, is_causal, scale, gqa, dropout_mask=keep)
 
-    out, lse = ops.attention_fwd(q, k, v, mask, scale, is_causal, dropout_p, seed)
+    out, lse = ops.attention_fwd(q, k, v, mask, scale, is_causal, dropout_p, ext.seed_tensor(seed) if dropout_p else None)
     naive_in = [naive_copy(t) for t in (q, k, v)]
     naive = ref(*naive_in, mask)
     oracle_in = [oracle(t) for t in (q, k, v)]
@@ -240,7 +241,7 @@ def test_attention_fully_masked_rows_give_zeros_inf_lse_and_zero_grads():
     mask[:, :, 3] = False
     mask[:, 1] = False
     q, k, v = (randn(b, h, n, 16, requires_grad=True) for n in (n_q, n_k, n_k))
-    out, lse = ops.attention_fwd(q, k, v, mask, 0.25, False, 0.0, 0)
+    out, lse = ops.attention_fwd(q, k, v, mask, 0.25, False, 0.0, None)
     assert not out.isnan().any()
     assert (out[:, :, 3] == 0).all() and (out[:, 1] == 0).all()
     assert (lse[:, :, 3] == math.inf).all() and (lse[:, 1] == math.inf).all() and lse[:, 0, 4:].isfinite().all()
@@ -254,7 +255,7 @@ def test_attention_strided_inputs():
     packed = randn(2, 75, 3, 2, 40, requires_grad=True)
     q, k, v = (t.transpose(1, 2) for t in packed.unbind(2))
     assert not q.is_contiguous()
-    out, _ = ops.attention_fwd(q, k, v, None, 0.3, True, 0.0, 0)
+    out, _ = ops.attention_fwd(q, k, v, None, 0.3, True, 0.0, None)
     expected = reference.attention(*(oracle(t) for t in (q, k, v)), None, 0.0, True, 0.3)
     naive = reference.attention(q, k, v, None, 0.0, True, 0.3)
     assert_rule(out, naive, expected)
@@ -278,19 +279,19 @@ def test_attention_dropout_matches_the_oracle_with_the_kernels_mask():
 
 def test_attention_dropout_is_deterministic_per_seed():
     q, k, v = (randn(1, 2, 40, 16) for _ in range(3))
-    a = ops.attention_fwd(q, k, v, None, 0.25, False, 0.4, 3)[0]
-    assert torch.equal(a, ops.attention_fwd(q, k, v, None, 0.25, False, 0.4, 3)[0])
-    assert not torch.equal(a, ops.attention_fwd(q, k, v, None, 0.25, False, 0.4, 4)[0])
+    a = ops.attention_fwd(q, k, v, None, 0.25, False, 0.4, ext.seed_tensor(3))[0]
+    assert torch.equal(a, ops.attention_fwd(q, k, v, None, 0.25, False, 0.4, ext.seed_tensor(3))[0])
+    assert not torch.equal(a, ops.attention_fwd(q, k, v, None, 0.25, False, 0.4, ext.seed_tensor(4))[0])
 
 
 def test_attention_empty_inputs():
     q, k, v = randn(1, 2, 0, 16), randn(1, 2, 5, 16), randn(1, 2, 5, 8)
-    out, lse = ops.attention_fwd(q, k, v, None, 0.25, False, 0.0, 0)
+    out, lse = ops.attention_fwd(q, k, v, None, 0.25, False, 0.0, None)
     assert out.shape == (1, 2, 0, 8) and lse.shape == (1, 2, 0)
     q, k, v = randn(1, 2, 4, 16), randn(1, 2, 0, 16), randn(1, 2, 0, 8)
-    out, lse = ops.attention_fwd(q, k, v, None, 0.25, False, 0.0, 0)
+    out, lse = ops.attention_fwd(q, k, v, None, 0.25, False, 0.0, None)
     assert (out == 0).all() and (lse == math.inf).all()
-    dq, dk, dv = ops.attention_bwd(torch.ones_like(out), q, k, v, out, lse, None, 0.25, False, 0.0, 0)
+    dq, dk, dv = ops.attention_bwd(torch.ones_like(out), q, k, v, out, lse, None, 0.25, False, 0.0, None)
     assert (dq == 0).all() and dk.shape == k.shape and dv.shape == v.shape
 
 
@@ -403,7 +404,7 @@ def test_ffn_epilogue_against_oracle(activation, dtype):
     bias = randn(h.size(1), dtype=dtype, requires_grad=True)
     p, seed = 0.25, 77
     keep = ext.dropout_mask((37, 48), p, seed)
-    a = ops.ffn_act_fwd(h, bias, activation, p, seed)
+    a = ops.ffn_act_fwd(h, bias, activation, p, ext.seed_tensor(seed))
 
     def ref(hh, bb):
         return reference.activate(hh + bb, activation) * keep / (1 - p)
@@ -432,7 +433,7 @@ def test_feed_forward_op_against_oracle(activation, bias):
     b1 = randn(rows, requires_grad=True) if bias else None
     b2 = randn(24, requires_grad=True) if bias else None
     leaves = [t for t in (x, w1, b1, w2, b2) if t is not None]
-    out = ext.load_ops("cpu")["feed_forward"].fn(x, w1, b1, w2, b2, activation, p, seed)
+    out = ext.load_ops("cpu")["feed_forward"].fn(x, w1, b1, w2, b2, activation, p, ext.seed_tensor(seed))
     keep = ext.dropout_mask((m, hidden), p, seed)
 
     def ref(tensors):
@@ -548,17 +549,21 @@ def _bad_op_calls():
     q, k, v = randn(1, 4, 8, 16), randn(1, 3, 8, 16), randn(1, 4, 8, 16)
     x = randn(4, 8)
     return [
-        ("heads", lambda: ops.attention_fwd(q, k, k, None, 1.0, False, 0.0, 0), ValueError, "multiple"),
-        ("float64", lambda: ops.attention_fwd(q.double(), v.double(), v.double(), None, 1.0, False, 0.0, 0),
+        ("heads", lambda: ops.attention_fwd(q, k, k, None, 1.0, False, 0.0, None), ValueError, "multiple"),
+        ("float64", lambda: ops.attention_fwd(q.double(), v.double(), v.double(), None, 1.0, False, 0.0, None),
          TypeError, "float32, bfloat16 or float16"),
-        ("mask_shape", lambda: ops.attention_fwd(q, v, v, torch.ones(1, 4, 8, 7, dtype=torch.bool), 1.0, False, 0.0, 0),
+        ("mask_shape", lambda: ops.attention_fwd(q, v, v, torch.ones(1, 4, 8, 7, dtype=torch.bool), 1.0, False, 0.0, None),
          ValueError, "mask"),
-        ("mask_dtype", lambda: ops.attention_fwd(q, v, v, torch.ones(1, 4, 8, 8, dtype=torch.int32), 1.0, False, 0.0, 0),
+        ("mask_dtype", lambda: ops.attention_fwd(q, v, v, torch.ones(1, 4, 8, 8, dtype=torch.int32), 1.0, False, 0.0, None),
          TypeError, "mask"),
-        ("dropout", lambda: ops.attention_fwd(q, v, v, None, 1.0, False, 1.0, 0), ValueError, "dropout_p"),
-        ("activation", lambda: ops.ffn_act_fwd(x, None, "tanh", 0.0, 0), ValueError, "activation"),
-        ("gated_odd", lambda: ops.ffn_act_fwd(randn(4, 7), None, "swiglu", 0.0, 0), ValueError, "even"),
-        ("ffn_bias", lambda: ops.ffn_act_fwd(x, randn(7), "gelu", 0.0, 0), ValueError, "bias"),
+        ("dropout", lambda: ops.attention_fwd(q, v, v, None, 1.0, False, 1.0, None), ValueError, "dropout_p"),
+        ("seed_missing", lambda: ops.attention_fwd(q, v, v, None, 1.0, False, 0.3, None), ValueError, "seed"),
+        ("seed_dtype", lambda: ops.attention_fwd(q, v, v, None, 1.0, False, 0.3, torch.tensor([1.0])), TypeError, "seed"),
+        ("seed_shape", lambda: ops.ffn_act_fwd(x, None, "gelu", 0.3, torch.tensor([1, 2])), ValueError, "seed"),
+        ("seed_missing_ffn", lambda: ops.ffn_act_bwd(x, x, None, "gelu", 0.3, None), ValueError, "seed"),
+        ("activation", lambda: ops.ffn_act_fwd(x, None, "tanh", 0.0, None), ValueError, "activation"),
+        ("gated_odd", lambda: ops.ffn_act_fwd(randn(4, 7), None, "swiglu", 0.0, None), ValueError, "even"),
+        ("ffn_bias", lambda: ops.ffn_act_fwd(x, randn(7), "gelu", 0.0, None), ValueError, "bias"),
         ("norm_weight", lambda: ops.layer_norm_fwd(x, None, randn(7), None, 1e-5), ValueError, "weight"),
         ("norm_residual", lambda: ops.rms_norm_fwd(x, randn(4, 7), None, 1e-5), ValueError, "residual"),
         ("softmax_mask", lambda: ops.softmax_fwd(x, torch.ones(4, 7, dtype=torch.bool), 1.0, False, False),
@@ -581,7 +586,7 @@ def test_empty_rows():
     assert y.shape == (0, 16) and res.shape == (0, 16) and mean.shape == (0,)
     ds, dw = ops.rms_norm_bwd(x, x, randn(16), torch.empty(0))
     assert ds.shape == (0, 16) and (dw == 0).all()
-    assert ops.ffn_act_fwd(randn(0, 8), None, "geglu", 0.0, 0).shape == (0, 4)
+    assert ops.ffn_act_fwd(randn(0, 8), None, "geglu", 0.0, None).shape == (0, 4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -592,13 +597,13 @@ def test_empty_rows():
 def test_supports_gives_reasons():
     table = ext.load_ops("cpu")
     q = randn(1, 2, 4, 16)
-    assert table["attention"].supports(q, q, q, None, 1.0, False, 0.0, 0) is None
-    reason = table["attention"].supports(q.double(), q.double(), q.double(), None, 1.0, False, 0.0, 0)
+    assert table["attention"].supports(q, q, q, None, 1.0, False, 0.0, None) is None
+    reason = table["attention"].supports(q.double(), q.double(), q.double(), None, 1.0, False, 0.0, None)
     assert "float64" in reason
     assert "cpu" in table["softmax"].supports(q.to("meta"), None, 1.0, False, False)
     cuda_table = ext.load_ops("cuda")
     if not torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::attention_fwd", "CUDA"):
-        assert "no attention kernel" in cuda_table["attention"].supports(q, q, q, None, 1.0, False, 0.0, 0)
+        assert "no attention kernel" in cuda_table["attention"].supports(q, q, q, None, 1.0, False, 0.0, None)
 
 
 def test_compiles_fullgraph_through_the_ops():
@@ -607,7 +612,7 @@ def test_compiles_fullgraph_through_the_ops():
     x, w = randn(6, 32, requires_grad=True), randn(32, requires_grad=True)
 
     def block(q, k, v, x, w):
-        attn = ops.attention_fwd(q, k, v, None, 0.25, True, 0.0, 0)[0]
+        attn = ops.attention_fwd(q, k, v, None, 0.25, True, 0.0, None)[0]
         y, s, _ = ops.rms_norm_fwd(x, x, w, 1e-6)
         return attn.sum() + ops.softmax_fwd(y, None, 1.0, False, True).exp().sum() + s.sum()
 
@@ -618,3 +623,39 @@ def test_compiles_fullgraph_through_the_ops():
     torch.testing.assert_close(got, expected)
     for a, b in zip(torch.autograd.grad(got, args), torch.autograd.grad(expected, args)):
         torch.testing.assert_close(a, b)
+
+
+def test_compiled_dropout_draws_the_seed_in_the_graph():
+    """The ops take the seed as a tensor: torch.randint inside a fullgraph compile (no .item()), and
+    the same torch.manual_seed gives the eager output and gradients (the backward reads the saved seed)."""
+    q, k, v = (randn(1, 2, 20, 16, requires_grad=True) for _ in range(3))
+    h = randn(6, 20, requires_grad=True)
+
+    def block(q, k, v, h):
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+        attn = ops.attention_fwd(q, k, v, None, 0.25, True, 0.3, seed)[0]
+        return attn.square().sum() + ops.ffn_act_fwd(h, None, "swiglu", 0.4, seed).square().sum()
+
+    def run(fn):
+        torch.manual_seed(21)
+        out = fn(q, k, v, h)
+        return out, torch.autograd.grad(out, (q, k, v, h))
+
+    torch._dynamo.reset()
+    expected, expected_grads = run(block)
+    got, grads = run(torch.compile(block, backend="aot_eager", fullgraph=True))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.manual_seed(22)
+    assert not torch.equal(block(q, k, v, h), expected)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_reference_dropout_keep_is_the_kernels_mask(p):
+    """reference.dropout_keep (torch ops on the seed tensor, as the reference backend draws) is
+    csrc/dropout_rng.h: the reference backend drops what the cpu/cuda kernels drop."""
+    for seed, shape in ((0, (3, 50)), (2**31 - 5, (2, 3, 17, 29)), (123456789, (1, 1, 1, 1))):
+        got = reference.dropout_keep(ext.seed_tensor(seed), shape, p)
+        assert got.dtype == torch.bool and got.shape == shape
+        assert torch.equal(got, ext.dropout_mask(shape, p, seed)), seed

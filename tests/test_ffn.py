@@ -213,7 +213,7 @@ def test_triton_dropout_mask_generator_is_exact():
 
     device, p, rows, hidden = helpers.DEVICE, 0.4, 45, 70
     torch.manual_seed(11)
-    seed = functional._dropout_seed(p)  # the seed feed_forward draws after torch.manual_seed(11)
+    seed = functional._dropout_seed(p, device)  # the seed feed_forward draws after torch.manual_seed(11)
     expected = ffn.dropout_mask(seed, rows, hidden, p, device)
     assert expected.dtype == torch.bool and expected.shape == (rows, hidden)
     assert torch.equal(_probe_keep("triton", rows, hidden, p, torch_seed=11, device=device), expected)
@@ -331,7 +331,8 @@ def _torch_block(x, w1, b1, w2, b2, activation, dropout_p):
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_triton_saves_less_than_torch(activation):
-    """The Triton block keeps x only: per token K·s bytes vs torch's (K + 2H)·s + H (gated: K + 4H)."""
+    """The Triton block keeps x only (and the 8-byte seed tensor): per token K·s bytes vs torch's
+    (K + 2H)·s + H (gated: K + 4H)."""
     if fastattn.backends()["triton"] is not None:
         pytest.skip(f"triton: {fastattn.backends()['triton']}")
     rows, d_model, hidden = 33, 40, 72
@@ -344,7 +345,7 @@ def test_triton_saves_less_than_torch(activation):
 
     ours_bytes = _saved_activation_bytes(ours, params)
     torch_bytes = _saved_activation_bytes(lambda: _torch_block(x, w1, b1, w2, b2, activation, 0.1), params)
-    assert ours_bytes == x.numel() * x.element_size()
+    assert ours_bytes == x.numel() * x.element_size() + 8  # x and the dropout seed (one int64)
     assert ours_bytes <= 0.6 * torch_bytes, (ours_bytes, torch_bytes)
 
 
@@ -373,6 +374,42 @@ def test_compile_fullgraph_cpu(backend):
     if reason is not None or (backend == "triton" and helpers.HAS_CUDA):
         pytest.skip(reason or "the triton backend runs on the GPU here: see test_compile_fullgraph_triton_gpu")
     _compiled_matches_oracle(backend, "aot_eager")
+
+
+def _compiled_dropout_matches_eager_mask(backend, compile_backend, activation="swiglu"):
+    """fullgraph=True with dropout (the seed tensor is drawn in the graph, no .item()): the compiled
+    output and gradients match the oracle replaying the mask eager draws after the same
+    torch.manual_seed, so the compiled forward draws eager's mask and its backward regenerates it."""
+    device, p = _device(backend), 0.3
+    args = _make((39,), D_MODEL, HIDDEN, D_OUT, activation, torch.float32, device)
+    _skip_unless_served(backend, args, activation, p)
+    torch._dynamo.reset()
+
+    def block(x, w1, b1, w2, b2, activation, dropout_p):
+        return fastattn.feed_forward(x, w1, b1, w2, b2, activation=activation, dropout_p=dropout_p)
+
+    compiled = torch.compile(block, fullgraph=True, backend=compile_backend)
+    keep = _probe_keep(backend, 39, HIDDEN, p, torch_seed=7, device=device)
+    assert 0 < keep.sum() < keep.numel()
+    assert torch.equal(_probe_keep(backend, 39, HIDDEN, p, torch_seed=7, device=device), keep)
+    _check_against_oracle(backend, args, activation, p, keep, torch_seed=7, ffn=compiled)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_compile_fullgraph_dropout_cpu(backend):
+    """As test_compile_fullgraph_cpu, with dropout; Triton runs in the interpreter."""
+    reason = fastattn.backends()[backend]
+    if reason is not None or (backend == "triton" and helpers.HAS_CUDA):
+        pytest.skip(reason or "the triton backend runs on the GPU here: see test_compile_fullgraph_dropout_triton_gpu")
+    _compiled_dropout_matches_eager_mask(backend, "aot_eager")
+
+
+@pytest.mark.gpu
+def test_compile_fullgraph_dropout_triton_gpu():
+    """Inductor draws torch.randint with its own RNG unless fallback_random: keep torch's, so the
+    compiled mask is eager's."""
+    with torch._inductor.config.patch(fallback_random=True):
+        _compiled_dropout_matches_eager_mask("triton", "inductor", "geglu")
 
 
 @pytest.mark.gpu

@@ -230,7 +230,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const c10::optional<at::Tensor>& mask, double scale, bool is_causal,
-                                                 double dropout_p, int64_t seed) {
+                                                 double dropout_p, const c10::optional<at::Tensor>& seed) {
   check_inputs(q, k, v, mask, dropout_p);
   const int64_t batch = q.size(0), heads = q.size(1), n_q = q.size(2), dim_v = v.size(3);
   at::Tensor out = new_output({batch, heads, n_q, dim_v}, q.options());
@@ -238,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   if (lse.numel() == 0) return {out, lse};
 
   const at::Tensor q32 = float_rows(q), k32 = float_rows(k), v32 = float_rows(v);
-  const Problem p(q32, k32, v32, mask, scale, is_causal, dropout_p, seed);
+  const Problem p(q32, k32, v32, mask, scale, is_causal, dropout_p, read_seed(seed, dropout_p));
   at::Tensor out32 = out.scalar_type() == at::kFloat ? out : at::empty(out.sizes(), out.options().dtype(at::kFloat));
   float* out_data = out32.data_ptr<float>();
   float* lse_data = lse.data_ptr<float>();
@@ -334,7 +334,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
                                                              const at::Tensor& k, const at::Tensor& v,
                                                              const at::Tensor& out, const at::Tensor& lse,
                                                              const c10::optional<at::Tensor>& mask, double scale,
-                                                             bool is_causal, double dropout_p, int64_t seed) {
+                                                             bool is_causal, double dropout_p,
+                                                             const c10::optional<at::Tensor>& seed) {
   check_inputs(q, k, v, mask, dropout_p);
   const int64_t batch = q.size(0), heads = q.size(1), n_q = q.size(2), dim = q.size(3);
   const int64_t heads_kv = k.size(1), n_k = k.size(2), dim_v = v.size(3);
@@ -352,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
   }
 
   const at::Tensor q32 = float_rows(q), k32 = float_rows(k), v32 = float_rows(v), do32 = float_rows(dout);
-  const Problem p(q32, k32, v32, mask, scale, is_causal, dropout_p, seed);
+  const Problem p(q32, k32, v32, mask, scale, is_causal, dropout_p, read_seed(seed, dropout_p));
   const at::Tensor delta = (do32 * out.to(at::kFloat)).sum(-1).contiguous();
   const at::Tensor lse_c = lse.contiguous();
 
@@ -396,11 +397,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
 
 // The keep mask of the dropout (true = kept) for a tensor of like's shape, element offsets being
 // linear indices in that shape: for attention like is (B, Hq, Nq, Nk), for the FFN (M, hidden).
-at::Tensor dropout_mask(const at::Tensor& like, double p, int64_t seed) {
+at::Tensor dropout_mask(const at::Tensor& like, double p, const at::Tensor& seed) {
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "fastattn dropout_mask: p must be in [0, 1)");
   at::Tensor keep = at::empty(like.sizes(), like.options().dtype(at::kBool));
   bool* data = keep.data_ptr<bool>();
-  const Dropout d(p, seed);
+  const Dropout d(p, read_seed(seed, p));
   at::parallel_for(0, keep.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) data[i] = dropout_bits(d.key, static_cast<uint64_t>(i)) >= d.threshold;
   });

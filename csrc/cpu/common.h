@@ -111,4 +111,18 @@ inline float load_float<bool>(const bool* p) {
   return *p ? 1.f : 0.f;
 }
 
+
+// The dropout seed of an op (schema: csrc/fastattn.cpp): a one-element int64 CPU tensor, read here
+// on the host; 0 (unused) when there is no dropout. Errors name the argument.
+inline int64_t read_seed(const c10::optional<at::Tensor>& seed, double dropout_p) {
+  if (!seed.has_value()) {
+    TORCH_CHECK_VALUE(dropout_p == 0.0, "fastattn: seed is required when dropout_p > 0, got None");
+    return 0;
+  }
+  TORCH_CHECK_TYPE(seed->scalar_type() == at::kLong, "fastattn: seed must be an int64 tensor, got ", seed->scalar_type());
+  TORCH_CHECK_VALUE(seed->numel() == 1, "fastattn: seed must have one element, got shape ", seed->sizes());
+  TORCH_CHECK_VALUE(seed->device().is_cpu(), "fastattn: seed must be on the CPU with the inputs, got ", seed->device());
+  return *seed->const_data_ptr<int64_t>();
+}
+
 }  // namespace fastattn::cpu

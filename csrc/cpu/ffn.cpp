@@ -219,9 +219,9 @@ void epilogue_backward(const Epilogue& e, const at::Tensor& grad, const at::Tens
 }  // namespace
 
 at::Tensor ffn_act_fwd(const at::Tensor& h, const c10::optional<at::Tensor>& bias, c10::string_view activation,
-                       double dropout_p, int64_t seed) {
+                       double dropout_p, const c10::optional<at::Tensor>& seed) {
   check_epilogue_inputs(h, bias);
-  const Epilogue e(h, std::string(activation), dropout_p, seed);
+  const Epilogue e(h, std::string(activation), dropout_p, read_seed(seed, dropout_p));
   at::Tensor a = new_output({e.rows, e.hidden}, h.options());
   if (a.numel() == 0) return a;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "fastattn_ffn_act_fwd",
@@ -230,9 +230,9 @@ at::Tensor ffn_act_fwd(const at::Tensor& h, const c10::optional<at::Tensor>& bia
 }
 
 at::Tensor ffn_act_bwd(const at::Tensor& grad, const at::Tensor& h, const c10::optional<at::Tensor>& bias,
-                       c10::string_view activation, double dropout_p, int64_t seed) {
+                       c10::string_view activation, double dropout_p, const c10::optional<at::Tensor>& seed) {
   check_epilogue_inputs(h, bias);
-  const Epilogue e(h, std::string(activation), dropout_p, seed);
+  const Epilogue e(h, std::string(activation), dropout_p, read_seed(seed, dropout_p));
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({e.rows, e.hidden}), "fastattn ffn_act_bwd: grad must have shape (",
                     e.rows, ", ", e.hidden, "), got ", grad.sizes());
   TORCH_CHECK_TYPE(grad.scalar_type() == h.scalar_type(), "fastattn ffn_act_bwd: grad must have h's dtype");

@@ -163,5 +163,19 @@ inline void check_dropout(double dropout_p) {
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
 }
 
+// The device pointer to the dropout seed (a one-element int64 tensor on ref's device, which the
+// kernels read: no host sync); nullptr when there is no dropout.
+inline const int64_t* seed_pointer(const std::optional<at::Tensor>& seed, double dropout_p, const at::Tensor& ref,
+                                   const char* ref_name) {
+  if (!seed.has_value()) {
+    TORCH_CHECK_VALUE(dropout_p == 0.0, "seed is required when dropout_p > 0, got None");
+    return nullptr;
+  }
+  check_same_device(*seed, "seed", ref, ref_name);
+  TORCH_CHECK_TYPE(seed->scalar_type() == at::kLong, "seed must be an int64 tensor, got ", seed->scalar_type());
+  TORCH_CHECK_VALUE(seed->numel() == 1, "seed must have one element, got shape ", seed->sizes());
+  return seed->const_data_ptr<int64_t>();
+}
+
 }  // namespace cuda
 }  // namespace fastattn

@@ -28,7 +28,7 @@ struct AttentionShape {
   float scale = 1.f;
   bool causal = false;
   double dropout_p = 0.0;
-  uint64_t seed = 0;
+  const int64_t* seed = nullptr;  // device pointer to the int64 seed (csrc/fastattn.cpp)
   DropoutDraw dropout;  // derived from dropout_p and seed by the launchers
   const void* mask = nullptr;  // (B, Hq, Nq, Nk) view, strides below
   MaskKind mask_kind = MaskKind::kNone;

@@ -52,7 +52,7 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
 
 AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& mask, double scale, bool is_causal, double dropout_p,
-                               int64_t seed) {
+                               const std::optional<at::Tensor>& seed) {
   AttentionShape sh;
   sh.batch = checked_int(q.size(0), "batch");
   sh.heads_q = checked_int(q.size(1), "query heads");
@@ -64,7 +64,7 @@ AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k, const a
   sh.scale = static_cast<float>(scale);
   sh.causal = is_causal;
   sh.dropout_p = dropout_p;
-  sh.seed = static_cast<uint64_t>(seed);
+  sh.seed = seed_pointer(seed, dropout_p, q, "q");
   if (mask.has_value()) {
     sh.mask = mask->data_ptr();
     sh.mask_kind = mask_kind(*mask, "mask");
@@ -80,7 +80,7 @@ AttentionShape attention_shape(const at::Tensor& q, const at::Tensor& k, const a
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const std::optional<at::Tensor>& mask, double scale,
-                                                      bool is_causal, double dropout_p, int64_t seed) {
+                                                      bool is_causal, double dropout_p, const std::optional<at::Tensor>& seed) {
   check_attention_inputs(q, k, v, mask, dropout_p);
   const DeviceGuard guard(q.device());
   at::Tensor out = new_output({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& mask, double scale, bool is_causal, double dropout_p,
-    int64_t seed) {
+    const std::optional<at::Tensor>& seed) {
   check_attention_inputs(q, k, v, mask, dropout_p);
   const std::vector<int64_t> out_shape = {q.size(0), q.size(1), q.size(2), v.size(3)};
   auto check_like_out = [&](const at::Tensor& t, const char* name) {

@@ -71,7 +71,7 @@ __device__ __forceinline__ float masked_score_log2(float dot, const AttentionSha
 __device__ __forceinline__ float dropout_scale(const AttentionShape& sh, int b, int h, int i, int j) {
   const uint64_t offset =
       ((static_cast<uint64_t>(b) * sh.heads_q + h) * static_cast<uint64_t>(sh.len_q) + i) * sh.len_k + j;
-  return dropout_bits(sh.dropout.key, offset) >= sh.dropout.threshold ? sh.dropout.scale : 0.f;
+  return dropout_bits(dropout_key_of(sh.dropout), offset) >= sh.dropout.threshold ? sh.dropout.scale : 0.f;
 }
 
 }  // namespace cuda

@@ -113,15 +113,21 @@ __device__ __forceinline__ float mask_bias(const void* mask, MaskKind kind, int6
   }
 }
 
+// The key of a draw, from the seed in device memory (read-only for the kernel's lifetime, so the
+// compiler may hoist the load and the mix out of the loops).
+__device__ __forceinline__ uint64_t dropout_key_of(const DropoutDraw& d) {
+  return dropout_key(static_cast<uint64_t>(*d.seed));
+}
+
 // --------------------------------------------------------------------------------------------
 // host launch helpers
 // --------------------------------------------------------------------------------------------
 
 // The launchers' dropout draw for probability p and seed (host side of csrc/dropout_rng.h).
-inline DropoutDraw make_dropout(double p, uint64_t seed) {
+inline DropoutDraw make_dropout(double p, const int64_t* seed) {
   DropoutDraw d;
   d.active = p > 0.0;
-  d.key = dropout_key(seed);
+  d.seed = seed;
   d.threshold = dropout_threshold(p);
   d.scale = static_cast<float>(1.0 / (1.0 - p));
   return d;

@@ -10,7 +10,7 @@
 namespace fastattn {
 namespace cuda {
 
-cudaError_t launch_dropout_mask(bool* mask, int64_t numel, double p, uint64_t seed, cudaStream_t stream);
+cudaError_t launch_dropout_mask(bool* mask, int64_t numel, double p, const int64_t* seed, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastattn

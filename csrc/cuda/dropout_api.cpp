@@ -13,12 +13,12 @@ namespace fastattn {
 namespace cuda {
 namespace {
 
-at::Tensor dropout_mask_cuda(const at::Tensor& like, double p, int64_t seed) {
+at::Tensor dropout_mask_cuda(const at::Tensor& like, double p, const at::Tensor& seed) {
   check_cuda_tensor(like, "like");
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "p must be in [0, 1), got ", p);
   const DeviceGuard guard(like.device());
   at::Tensor mask = at::empty(like.sizes(), like.options().dtype(at::kBool));
-  check_launch(launch_dropout_mask(mask.data_ptr<bool>(), mask.numel(), p, static_cast<uint64_t>(seed),
+  check_launch(launch_dropout_mask(mask.data_ptr<bool>(), mask.numel(), p, seed_pointer(seed, p, like, "like"),
                                    current_stream(like)),
                "dropout_mask");
   return mask;

@@ -32,7 +32,7 @@ struct FfnActParams {
   int64_t rows = 0, hidden_in = 0, hidden_out = 0;  // M, H1, Hout (= H1 / 2 when gated)
   Activation activation = Activation::kGelu;
   double dropout_p = 0.0;
-  uint64_t seed = 0;
+  const int64_t* seed = nullptr;  // device pointer to the int64 seed (csrc/fastattn.cpp)
   DropoutDraw dropout;  // derived from dropout_p and seed by the launchers
   DType dtype = DType::kFloat32;
 };

@@ -30,7 +30,7 @@ Activation parse_activation(c10::string_view name) {
 
 // Checks h and bias, fills the shared parameters (everything but grad and out).
 FfnActParams ffn_params(const at::Tensor& h, const std::optional<at::Tensor>& bias, c10::string_view activation,
-                        double dropout_p, int64_t seed) {
+                        double dropout_p, const std::optional<at::Tensor>& seed) {
   check_cuda_tensor(h, "h");
   FfnActParams p;
   p.dtype = kernel_dtype(h, "h");
@@ -56,12 +56,12 @@ FfnActParams ffn_params(const at::Tensor& h, const std::optional<at::Tensor>& bi
   p.hidden_in = hidden_in;
   p.hidden_out = is_gated(p.activation) ? hidden_in / 2 : hidden_in;
   p.dropout_p = dropout_p;
-  p.seed = static_cast<uint64_t>(seed);
+  p.seed = seed_pointer(seed, dropout_p, h, "h");
   return p;
 }
 
 at::Tensor ffn_act_fwd_cuda(const at::Tensor& h, const std::optional<at::Tensor>& bias, c10::string_view activation,
-                            double dropout_p, int64_t seed) {
+                            double dropout_p, const std::optional<at::Tensor>& seed) {
   FfnActParams p = ffn_params(h, bias, activation, dropout_p, seed);
   const DeviceGuard guard(h.device());
   at::Tensor out = new_output({p.rows, p.hidden_out}, h.options());
@@ -72,7 +72,7 @@ at::Tensor ffn_act_fwd_cuda(const at::Tensor& h, const std::optional<at::Tensor>
 }
 
 at::Tensor ffn_act_bwd_cuda(const at::Tensor& grad, const at::Tensor& h, const std::optional<at::Tensor>& bias,
-                            c10::string_view activation, double dropout_p, int64_t seed) {
+                            c10::string_view activation, double dropout_p, const std::optional<at::Tensor>& seed) {
   FfnActParams p = ffn_params(h, bias, activation, dropout_p, seed);
   check_same_device(grad, "grad", h, "h");
   check_same_dtype(grad, "grad", h, "h");

@@ -22,10 +22,12 @@ enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
 enum class MaskKind : int { kNone = 0, kBool = 1, kFloat16 = 2, kBFloat16 = 3, kFloat32 = 4, kFloat64 = 5 };
 
 // Dropout as the kernels draw it (csrc/dropout_rng.h, shared with the CPU kernels): element
-// `offset` is kept when dropout_bits(key, offset) >= threshold and then scaled by `scale`.
+// `offset` is kept when dropout_bits(dropout_key(*seed), offset) >= threshold and then scaled by
+// `scale`. The seed stays in device memory (a one-element int64 tensor drawn by torch inside the
+// graph): the kernels read it, so the host never waits for the GPU and CUDA graphs replay new seeds.
 struct DropoutDraw {
   bool active = false;
-  uint64_t key = 0;
+  const int64_t* seed = nullptr;  // device pointer; read only when active
   uint32_t threshold = 0;
   float scale = 1.f;
 };

@@ -285,7 +285,7 @@ def _fwd_key_blocks(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["seed", "n_q_bucket", "n_k_bucket"])
+@triton.jit(do_not_specialize=["n_q_bucket", "n_k_bucket"])
 def _attn_fwd_kernel(
     Q,
     K,
@@ -315,7 +315,7 @@ def _attn_fwd_kernel(
     n_k,
     qk_scale2,
     dropout_p,
-    seed,
+    Seed,
     n_q_bucket,
     n_k_bucket,
     HEAD_DIM: tl.constexpr,
@@ -336,6 +336,9 @@ def _attn_fwd_kernel(
     # 1-D grid, query blocks fastest: neighbouring programs share one head's K/V in L2, and the grid
     # has no 65535 limit on B·H. Causal: the longest rows (most key blocks) start first.
     pid = tl.program_id(0)
+    seed = 0
+    if DROPOUT:  # the seed tensor drawn in the graph (no host sync, fresh under CUDA graphs)
+        seed = tl.load(Seed)
     n_m_blocks = tl.cdiv(n_q, BLOCK_M)
     bh = pid // n_m_blocks
     m_block = pid % n_m_blocks
@@ -490,7 +493,7 @@ def _dkdv_query_blocks(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seed", "n_q_bucket", "n_k_bucket"])
+@triton.jit(do_not_specialize=["n_q_bucket", "n_k_bucket"])
 def _attn_bwd_dkdv_kernel(
     Q,
     K,
@@ -525,7 +528,7 @@ def _attn_bwd_dkdv_kernel(
     scale,
     qk_scale2,
     dropout_p,
-    seed,
+    Seed,
     n_q_bucket,
     n_k_bucket,
     HEAD_DIM: tl.constexpr,
@@ -543,6 +546,9 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    seed = 0
+    if DROPOUT:  # the seed tensor drawn in the graph (no host sync, fresh under CUDA graphs)
+        seed = tl.load(Seed)
     n_n_blocks = tl.cdiv(n_k, BLOCK_N)
     bh_kv = pid // n_n_blocks
     start_n = (pid % n_n_blocks) * BLOCK_N
@@ -658,7 +664,7 @@ def _dq_key_blocks(
     return dq
 
 
-@triton.jit(do_not_specialize=["seed", "n_q_bucket", "n_k_bucket"])
+@triton.jit(do_not_specialize=["n_q_bucket", "n_k_bucket"])
 def _attn_bwd_dq_kernel(
     Q,
     K,
@@ -691,7 +697,7 @@ def _attn_bwd_dq_kernel(
     scale,
     qk_scale2,
     dropout_p,
-    seed,
+    Seed,
     n_q_bucket,
     n_k_bucket,
     HEAD_DIM: tl.constexpr,
@@ -709,6 +715,9 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    seed = 0
+    if DROPOUT:  # the seed tensor drawn in the graph (no host sync, fresh under CUDA graphs)
+        seed = tl.load(Seed)
     n_m_blocks = tl.cdiv(n_q, BLOCK_M)
     bh = pid // n_m_blocks
     m_block = pid % n_m_blocks
@@ -749,15 +758,15 @@ def _attn_bwd_dq_kernel(
     tl.store(DQ + out_row * HEAD_DIM + cols, (dq * scale).to(DQ.dtype.element_ty), mask=rows_ok[:, None] & (cols < HEAD_DIM))
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _dropout_keep_kernel(Keep, n_heads_q, n_q, n_k, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+@triton.jit
+def _dropout_keep_kernel(Keep, n_heads_q, n_q, n_k, dropout_p, Seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Materialise the attention kernels' dropout keep mask (B, Hq, Nq, Nk) (tests, debugging)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     bh = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    keep = _dropout_keep(seed, bh, rows, cols, dropout_p)
+    keep = _dropout_keep(tl.load(Seed), bh, rows, cols, dropout_p)
     ptrs = Keep + (bh.to(tl.int64) * n_q + rows) * n_k + cols
     tl.store(ptrs, keep, mask=(rows < n_q) & (cols < n_k))
 
@@ -943,6 +952,17 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
 
 
+def _seed_arg(seed: torch.Tensor | None, dropout_p: float, like: torch.Tensor) -> torch.Tensor:
+    """The kernels' Seed pointer: the one-element int64 seed tensor on the inputs' device, which
+    the kernels load when DROPOUT (any tensor stands in for it without dropout: never read)."""
+    if dropout_p == 0.0:
+        return like
+    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != like.device:
+        desc = None if seed is None else f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}"
+        raise ValueError(f"seed must be a one-element int64 tensor on {like.device} when dropout_p > 0, got {desc}")
+    return seed
+
+
 def _mask_args(mask: torch.Tensor | None, like: torch.Tensor):
     """(kind, tensor, strides) for the kernels: kind 0 none, 1 bool, 2 additive float."""
     if mask is None:
@@ -987,7 +1007,7 @@ def attention_fwd(
     scale: float,
     is_causal: bool,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, Hq, Nq, Dv), lse (B, Hq, Nq) float32 natural log, +inf on fully masked rows)."""
     batch, heads_q, n_q, _ = q.shape
@@ -1006,7 +1026,7 @@ def attention_fwd(
     wrap_triton(_tuned_for(kind, meta, q))[grid](
         q, k, v, mask_arg, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
-        heads_q, heads_q // heads_kv, n_q, n_k, scale * LOG2E, dropout_p, seed,
+        heads_q, heads_q // heads_kv, n_q, n_k, scale * LOG2E, dropout_p, _seed_arg(seed, dropout_p, q),
         length_bucket(n_q), length_bucket(n_k), **meta,
     )
     return out, lse
@@ -1024,7 +1044,7 @@ def attention_bwd(
     scale: float,
     is_causal: bool,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
     need_dq: bool,
     need_dkdv: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1043,6 +1063,7 @@ def attention_bwd(
     meta = _meta(q, k, v, mask_kind, is_causal, dropout_p, scale)
     group_size = heads_q // heads_kv
     buckets = (length_bucket(n_q), length_bucket(n_k))
+    seed_arg = _seed_arg(seed, dropout_p, q)
 
     delta = empty(batch, heads_q, n_q, dtype=torch.float32, device=q.device)
     # the O and dO tiles of a block stay in registers: 8K elements each (ptxas spills fp32 d256 at 32K)
@@ -1056,13 +1077,13 @@ def attention_bwd(
         grid = lambda m: (triton.cdiv(n_k, m["BLOCK_N"]) * batch * heads_kv,)  # noqa: E731
         wrap_triton(_tuned_for("dkdv", meta, q))[grid](
             q, k, v, mask_arg, dout, lse, delta, dk, dv, *strides,
-            heads_q, heads_kv, group_size, n_q, n_k, scale, scale * LOG2E, dropout_p, seed, *buckets, **meta,
+            heads_q, heads_kv, group_size, n_q, n_k, scale, scale * LOG2E, dropout_p, seed_arg, *buckets, **meta,
         )
     if need_dq:
         grid = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]) * batch * heads_q,)  # noqa: E731
         wrap_triton(_tuned_for("dq", meta, q))[grid](
             q, k, v, mask_arg, dout, lse, delta, dq, *strides,
-            heads_q, group_size, n_q, n_k, scale, scale * LOG2E, dropout_p, seed, *buckets, **meta,
+            heads_q, group_size, n_q, n_k, scale, scale * LOG2E, dropout_p, seed_arg, *buckets, **meta,
         )
     return dq, dk, dv
 
@@ -1070,17 +1091,17 @@ def attention_bwd(
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, scale, is_causal, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, mask, out, lse)
-    ctx.args = (scale, is_causal, dropout_p, seed)
+    ctx.save_for_backward(q, k, v, mask, out, lse, seed)
+    ctx.args = (scale, is_causal, dropout_p)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, mask, out, lse = ctx.saved_tensors
+    q, k, v, mask, out, lse, seed = ctx.saved_tensors
     need_dq = ctx.needs_input_grad[0]
     need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     if grad_out is None or not (need_dq or need_dkdv):
         return None, None, None, None, None, None, None, None
-    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, mask, *ctx.args, need_dq, need_dkdv)
+    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, mask, *ctx.args, seed, need_dq, need_dkdv)
     return (
         dq if need_dq else None,
         dk if ctx.needs_input_grad[1] else None,
@@ -1099,7 +1120,7 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def attention(q, k, v, mask, scale, is_causal, dropout_p, seed):
     """Canonical attention op (see fastattn/functional.py): softmax(q·kᵀ·scale + mask)·v."""
-    out, _ = torch.ops.fastattn_triton.attention_fwd(q, k, v, mask, float(scale), bool(is_causal), float(dropout_p), int(seed))
+    out, _ = torch.ops.fastattn_triton.attention_fwd(q, k, v, mask, float(scale), bool(is_causal), float(dropout_p), seed)
     return out
 
 
@@ -1116,15 +1137,17 @@ def supports(q, k, v, mask, scale, is_causal, dropout_p, seed) -> str | None:
     return None
 
 
-def dropout_keep_mask(seed: int, batch: int, heads_q: int, n_q: int, n_k: int, dropout_p: float, device) -> torch.Tensor:
-    """The exact keep mask (bool (B, Hq, Nq, Nk), True = kept) the kernels draw for ``seed``, so a
-    test can run reference.attention(..., dropout_mask=mask) against them."""
+def dropout_keep_mask(seed, batch: int, heads_q: int, n_q: int, n_k: int, dropout_p: float, device) -> torch.Tensor:
+    """The exact keep mask (bool (B, Hq, Nq, Nk), True = kept) the kernels draw for ``seed`` (an int,
+    or the seed tensor the op takes), so a test can run reference.attention(..., dropout_mask=mask)
+    against them."""
     keep = torch.empty(batch, heads_q, n_q, n_k, dtype=torch.bool, device=device)
     if keep.numel() == 0:
         return keep
     block_m, block_n = 32, 32
     grid = (triton.cdiv(n_q, block_m), triton.cdiv(n_k, block_n), batch * heads_q)
-    _dropout_keep_kernel[grid](keep, heads_q, n_q, n_k, float(dropout_p), int(seed), BLOCK_M=block_m, BLOCK_N=block_n)
+    seed = seed.to(device) if isinstance(seed, torch.Tensor) else torch.tensor([int(seed)], dtype=torch.int64, device=device)
+    _dropout_keep_kernel[grid](keep, heads_q, n_q, n_k, float(dropout_p), seed, BLOCK_M=block_m, BLOCK_N=block_n)
     return keep
 
 

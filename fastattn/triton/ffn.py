@@ -283,7 +283,7 @@ def _add_bias(acc, b_ptr, cols, HAS_BIAS: tl.constexpr):
 @triton.jit
 def _ffn_up_fwd_kernel(
     x_ptr, w1_ptr, b1_ptr, a_ptr,
-    M, K, H, M_BUCKET, seed, dropout_p,
+    M, K, H, M_BUCKET, seed_ptr, dropout_p,
     stride_xm, stride_xk, stride_w1h, stride_w1k, stride_am,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INDEX_64: tl.constexpr, UPCAST_DOT: tl.constexpr, EXACT_FP32: tl.constexpr,
@@ -305,7 +305,7 @@ def _ffn_up_fwd_kernel(
     if GATED:
         act = act * _add_bias(up, b1_ptr + H, cols_in, HAS_BIAS)
     if HAS_DROPOUT:
-        keep = _keep(seed, rows, pid_h * BLOCK_H, H, dropout_p, INDEX_64, BLOCK_H)
+        keep = _keep(tl.load(seed_ptr), rows, pid_h * BLOCK_H, H, dropout_p, INDEX_64, BLOCK_H)
         act = tl.where(keep, act / (1.0 - dropout_p), 0.0)
 
     a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + cols[None, :]
@@ -316,7 +316,7 @@ def _ffn_up_fwd_kernel(
 @triton.jit
 def _ffn_up_bwd_kernel(
     x_ptr, w1_ptr, b1_ptr, dout_ptr, w2_ptr, a_ptr, dh_ptr,
-    M, K, H, N, M_BUCKET, seed, dropout_p,
+    M, K, H, N, M_BUCKET, seed_ptr, dropout_p,
     stride_xm, stride_xk, stride_w1h, stride_w1k, stride_dom, stride_don, stride_w2n, stride_w2h,
     stride_am, stride_dhm,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -346,7 +346,7 @@ def _ffn_up_bwd_kernel(
     gate = _add_bias(gate, b1_ptr, cols_in, HAS_BIAS)
     act = _activation(gate, ACTIVATION)
     if HAS_DROPOUT:  # out used act·keep/(1-p): the same factor scales the gradient
-        keep = _keep(seed, rows, pid_h * BLOCK_H, H, dropout_p, INDEX_64, BLOCK_H)
+        keep = _keep(tl.load(seed_ptr), rows, pid_h * BLOCK_H, H, dropout_p, INDEX_64, BLOCK_H)
         scale = tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
         d_act = d_act * scale
     d_gate = d_act * _activation_grad(gate, ACTIVATION)
@@ -369,11 +369,11 @@ def _ffn_up_bwd_kernel(
 
 @triton.jit
 def _keep_mask_kernel(
-    mask_ptr, M, H, seed, dropout_p, INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr
+    mask_ptr, M, H, seed_ptr, dropout_p, INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    keep = _keep(seed, rows, tl.program_id(1) * BLOCK_H, H, dropout_p, INDEX_64, BLOCK_H)
+    keep = _keep(tl.load(seed_ptr), rows, tl.program_id(1) * BLOCK_H, H, dropout_p, INDEX_64, BLOCK_H)
     ptrs = mask_ptr + rows.to(tl.int64)[:, None] * H + cols[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < M) & (cols[None, :] < H))
 
@@ -411,6 +411,17 @@ def _define_op(name: str):
     return triton_op(name, mutates_args=())
 
 
+def _seed_arg(seed: torch.Tensor | None, dropout_p: float, like: torch.Tensor) -> torch.Tensor:
+    """The kernels' seed pointer: the one-element int64 seed tensor on x's device, loaded by the
+    kernels under HAS_DROPOUT (any tensor stands in for it without dropout: never read)."""
+    if dropout_p == 0.0:
+        return like
+    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != like.device:
+        desc = None if seed is None else f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}"
+        raise ValueError(f"seed must be a one-element int64 tensor on {like.device} when dropout_p > 0, got {desc}")
+    return seed
+
+
 def _hidden(w1: torch.Tensor, activation: str) -> int:
     return w1.size(0) // 2 if activation in GATED_ACTIVATIONS else w1.size(0)
 
@@ -424,7 +435,7 @@ def ffn_fwd(
     b2: torch.Tensor | None,
     activation: str,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
 ) -> torch.Tensor:
     """out (M, N) = dropout(act(x·w1ᵀ + b1))·w2ᵀ + b2 for x (M, K)."""
     rows, depth = x.shape
@@ -432,7 +443,7 @@ def ffn_fwd(
     a = empty(rows, hidden, dtype=x.dtype, device=x.device)
     wrap_triton(_ffn_up_fwd_kernel)[_grid(rows, hidden)](
         x, w1, b1 if b1 is not None else w1, a,
-        rows, depth, hidden, _m_bucket(rows), seed, dropout_p,
+        rows, depth, hidden, _m_bucket(rows), _seed_arg(seed, dropout_p, x), dropout_p,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), a.stride(0),
         HAS_BIAS=b1 is not None, **_kernel_flags(x, activation, dropout_p, rows, hidden),
     )  # fmt: skip
@@ -450,7 +461,7 @@ def ffn_bwd(
     w2: torch.Tensor,
     activation: str,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
     need_dx: bool,
     need_dw1: bool,
     need_dw2: bool,
@@ -463,7 +474,7 @@ def ffn_bwd(
     dh = empty(rows, w1.size(0), dtype=x.dtype, device=x.device)
     wrap_triton(_ffn_up_bwd_kernel)[_grid(rows, hidden)](
         x, w1, b1 if b1 is not None else w1, dout, w2, a, dh,
-        rows, depth, hidden, width, _m_bucket(rows), seed, dropout_p,
+        rows, depth, hidden, width, _m_bucket(rows), _seed_arg(seed, dropout_p, x), dropout_p,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), dout.stride(0), dout.stride(1),
         w2.stride(0), w2.stride(1), a.stride(0), dh.stride(0),
         HAS_BIAS=b1 is not None, **_kernel_flags(x, activation, dropout_p, rows, hidden),
@@ -479,16 +490,16 @@ def ffn_bwd(
 
 def _setup_context(ctx, inputs, output):
     x, w1, b1, w2, b2, activation, dropout_p, seed = inputs
-    ctx.save_for_backward(x, w1, b1, w2)  # x only as activation memory: a and h are recomputed
-    ctx.activation, ctx.dropout_p, ctx.seed = activation, dropout_p, seed
+    ctx.save_for_backward(x, w1, b1, w2, seed)  # x only as activation memory: a and h are recomputed
+    ctx.activation, ctx.dropout_p = activation, dropout_p
     ctx.has_b2 = b2 is not None
 
 
 def _backward(ctx, dout):
-    x, w1, b1, w2 = ctx.saved_tensors
+    x, w1, b1, w2, seed = ctx.saved_tensors
     need = ctx.needs_input_grad  # x, w1, b1, w2, b2, ...
     dx, dw1, db1, dw2, db2 = ffn_bwd(
-        dout, x, w1, b1, w2, ctx.activation, ctx.dropout_p, ctx.seed,
+        dout, x, w1, b1, w2, ctx.activation, ctx.dropout_p, seed,
         need[0], need[1] or need[2], need[3] or need[4],
     )  # fmt: skip
     return (
@@ -526,12 +537,13 @@ if _INTERPRETING:
 # --------------------------------------------------------------------------------------------
 
 
-def dropout_mask(seed: int, rows: int, hidden: int, dropout_p: float, device) -> torch.Tensor:
+def dropout_mask(seed, rows: int, hidden: int, dropout_p: float, device) -> torch.Tensor:
     """The exact keep-mask (bool (rows, hidden), True = kept) that ``feed_forward`` applies to its
-    (rows, hidden) activation for this seed and dropout_p, so tests can replay it through
-    ``reference.feed_forward(..., dropout_mask=...)``."""
+    (rows, hidden) activation for this seed (an int, or the seed tensor the op takes) and dropout_p,
+    so tests can replay it through ``reference.feed_forward(..., dropout_mask=...)``."""
     out = torch.empty(rows, hidden, dtype=torch.int8, device=device)
     if out.numel():
+        seed = seed.to(device) if isinstance(seed, torch.Tensor) else torch.tensor([int(seed)], dtype=torch.int64, device=device)
         grid = (triton.cdiv(rows, 32), triton.cdiv(hidden, 32))
         _keep_mask_kernel[grid](out, rows, hidden, seed, dropout_p, _needs_64bit_counter(rows, hidden), 32, 32)
     return out.bool()
@@ -539,7 +551,7 @@ def dropout_mask(seed: int, rows: int, hidden: int, dropout_p: float, device) ->
 
 def feed_forward(x, w1, b1, w2, b2, activation, dropout_p, seed):
     """Canonical op (see fastattn/functional.py): x (M, K) -> (M, w2 rows)."""
-    return ffn_fwd(x, w1, b1, w2, b2, activation, float(dropout_p), int(seed))
+    return ffn_fwd(x, w1, b1, w2, b2, activation, float(dropout_p), seed)
 
 
 def supports(x, w1, b1, w2, b2, activation, dropout_p, seed) -> str | None:

@@ -143,11 +143,11 @@ def keep_mask(seed: int, shape, dropout_p: float) -> torch.Tensor:
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])
 def test_dropout_mask(ops, p):
     like = torch.empty(3, 5, 7)
-    got = ops.dropout_mask(like, p, 20240607)
+    got = ops.dropout_mask(like, p, torch.tensor([20240607]))
     assert got.dtype == torch.bool and got.shape == like.shape
     assert torch.equal(got, keep_mask(20240607, like.shape, p))
     with pytest.raises(ValueError, match="p must be"):
-        ops.dropout_mask(like, 1.0, 0)
+        ops.dropout_mask(like, 1.0, torch.tensor([0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +248,8 @@ def test_attention(ops, emulated_sm, case, sm):
     seed = 1234567
     drop = keep_mask(seed, (b, hq, nq, nk), dropout_p) if dropout_p > 0 else None
 
-    out, lse = ops.attention_fwd(q, k, v, mask_view, scale, causal, dropout_p, seed)
+    seed_t = torch.tensor([seed]) if dropout_p > 0 else None
+    out, lse = ops.attention_fwd(q, k, v, mask_view, scale, causal, dropout_p, seed_t)
 
     def run_reference(qq, kk, vv, mm):
         return reference.attention(qq, kk, vv, mm, dropout_p, causal, scale, hq != hkv, drop)
@@ -267,7 +268,7 @@ def test_attention(ops, emulated_sm, case, sm):
     assert torch.allclose(lse[finite], lse_oracle[finite], rtol=1e-4, atol=1e-4), "lse"
 
     dout = _layout(torch.randn(b, hq, nq, dv).to(dtype), layout)
-    grads = ops.attention_bwd(dout, q, k, v, out, lse, mask_view, scale, causal, dropout_p, seed)
+    grads = ops.attention_bwd(dout, q, k, v, out, lse, mask_view, scale, causal, dropout_p, seed_t)
     grads_oracle = torch.autograd.grad(oracle, leaves64, dout.double())
     grads_naive = torch.autograd.grad(naive, leaves, dout)
     for name, got, want, ref in zip(("dq", "dk", "dv"), grads, grads_oracle, grads_naive):
@@ -281,13 +282,13 @@ def test_attention_gqa_group_of_four_causal_long(ops, emulated_sm):
     q = torch.randn(1, 4, 150, 32).half()
     k = torch.randn(1, 1, 130, 32).half()
     v = torch.randn(1, 1, 130, 32).half()
-    out, lse = ops.attention_fwd(q, k, v, None, 0.2, True, 0.0, 0)
+    out, lse = ops.attention_fwd(q, k, v, None, 0.2, True, 0.0, None)
     leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
     oracle = reference.attention(*leaves64, None, 0.0, True, 0.2, True)
     naive = reference.attention(q, k, v, None, 0.0, True, 0.2, True)
     assert_rule(out, naive, oracle, k=2)
     dout = torch.randn_like(out)
-    dq, dk, dv = ops.attention_bwd(dout, q, k, v, out, lse, None, 0.2, True, 0.0, 0)
+    dq, dk, dv = ops.attention_bwd(dout, q, k, v, out, lse, None, 0.2, True, 0.0, None)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     naive = reference.attention(*leaves, None, 0.0, True, 0.2, True)
     for got, want, ref in zip(
@@ -299,26 +300,26 @@ def test_attention_gqa_group_of_four_causal_long(ops, emulated_sm):
 def test_attention_rejects_bad_arguments(ops):
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(ValueError, match="k's head dim"):
-        ops.attention_fwd(q, torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 8), None, 1.0, False, 0.0, 0)
+        ops.attention_fwd(q, torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 8), None, 1.0, False, 0.0, None)
     with pytest.raises(ValueError, match="multiple of k's heads"):
-        ops.attention_fwd(q, torch.randn(1, 3, 4, 8), torch.randn(1, 3, 4, 8), None, 1.0, False, 0.0, 0)
+        ops.attention_fwd(q, torch.randn(1, 3, 4, 8), torch.randn(1, 3, 4, 8), None, 1.0, False, 0.0, None)
     with pytest.raises(ValueError, match="head dims up to 256"):
         big = torch.randn(1, 1, 2, 300)
-        ops.attention_fwd(big, big, big, None, 1.0, False, 0.0, 0)
+        ops.attention_fwd(big, big, big, None, 1.0, False, 0.0, None)
     with pytest.raises(ValueError, match="mask must be a"):
-        ops.attention_fwd(q, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool), 1.0, False, 0.0, 0)
+        ops.attention_fwd(q, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool), 1.0, False, 0.0, None)
     with pytest.raises(ValueError, match="dropout_p"):
-        ops.attention_fwd(q, q, q, None, 1.0, False, 1.0, 0)
+        ops.attention_fwd(q, q, q, None, 1.0, False, 1.0, None)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
-        ops.attention_fwd(q.double(), q.double(), q.double(), None, 1.0, False, 0.0, 0)
+        ops.attention_fwd(q.double(), q.double(), q.double(), None, 1.0, False, 0.0, None)
 
 
 def test_attention_no_keys_gives_zeros(ops):
     q = torch.randn(1, 2, 5, 16)
     kv = torch.randn(1, 2, 0, 16)
-    out, lse = ops.attention_fwd(q, kv, kv, None, 1.0, False, 0.0, 0)
+    out, lse = ops.attention_fwd(q, kv, kv, None, 1.0, False, 0.0, None)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isposinf(lse).all()
-    dq, dk, dv = ops.attention_bwd(torch.randn_like(out), q, kv, kv, out, lse, None, 1.0, False, 0.0, 0)
+    dq, dk, dv = ops.attention_bwd(torch.randn_like(out), q, kv, kv, out, lse, None, 1.0, False, 0.0, None)
     assert torch.equal(dq, torch.zeros_like(q)) and dk.numel() == 0 and dv.numel() == 0
 
 
@@ -400,7 +401,8 @@ def test_ffn_act(ops, activation, dtype_name, dropout_p, bias, shape):
     h = h.t().contiguous().t()  # column-major storage
     b = torch.randn(cols).to(dtype) if bias else None
     seed = 987654321
-    out = ops.ffn_act_fwd(h, b, activation, dropout_p, seed)
+    seed_t = torch.tensor([seed]) if dropout_p > 0 else None
+    out = ops.ffn_act_fwd(h, b, activation, dropout_p, seed_t)
     hidden = cols // 2 if activation in ("swiglu", "geglu") else cols
     drop = keep_mask(seed, (rows, hidden), dropout_p).double() / (1 - dropout_p) if dropout_p > 0 else 1.0
 
@@ -414,7 +416,7 @@ def test_ffn_act(ops, activation, dtype_name, dropout_p, bias, shape):
     assert out.shape == (rows, hidden) and out.dtype == dtype
     assert_rule(out, naive, oracle, k=2)
     grad = torch.randn(rows, hidden).to(dtype)
-    dh = ops.ffn_act_bwd(grad, h, b, activation, dropout_p, seed)
+    dh = ops.ffn_act_bwd(grad, h, b, activation, dropout_p, seed_t)
     assert_rule(dh, torch.autograd.grad(naive, hl, grad)[0], torch.autograd.grad(oracle, h64, grad.double())[0], k=3)
 
 
