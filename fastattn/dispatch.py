@@ -166,12 +166,44 @@ def select(op: str, device: torch.device, *args, **kwargs) -> tuple[str, Op]:
 
 
 @torch._dynamo.assume_constant_result
-def _select_name(op: str, device: torch.device, *args, **kwargs) -> str:
-    # Under torch.compile this runs once at trace time (its result becomes a constant of the graph),
-    # so the registry's locks, imports and thread-locals never enter the graph.
-    return select(op, device, *args, **kwargs)[0]
+def _forced_backend_now() -> str:
+    # Under torch.compile: read once at trace time (the registry's thread-locals stay out of the graph).
+    return forced_backend() or ""
+
+
+@torch._dynamo.assume_constant_result
+def _unavailable_now(backend: str, op: str, device: torch.device) -> str:
+    # Under torch.compile: imports, locks and the extension's registry run at trace time only.
+    reason = backend_unavailable_reason(backend, device)
+    if reason is None and op not in _ops[backend]:
+        reason = f"{backend} has no {op} kernel"
+    return reason or ""
+
+
+@torch._dynamo.assume_constant_result
+def _refuse_now(message: str) -> str:
+    # Under torch.compile: raise the BackendError itself at trace time (a raise in traced code would
+    # reach the user as dynamo's "Unsupported" with fullgraph=True).
+    raise BackendError(message)
+
+
+def _select_traced(op: str, device: torch.device, args, kwargs) -> str:
+    forced = _forced_backend_now()
+    tried = []
+    for backend in (forced,) if forced else AUTO_ORDER.get(device.type, ("reference",)):
+        reason = _unavailable_now(backend, op, device) or _ops[backend][op].supports(*args, **kwargs)
+        if not reason:
+            return backend
+        if forced:
+            return _refuse_now(f"backend {forced!r} cannot run {op}: {reason}")
+        tried.append(f"{backend}: {reason}")
+    return _refuse_now(f"no backend can run {op} on {device.type}: " + "; ".join(tried))
 
 
 def call(op: str, device: torch.device, *args, **kwargs):
     """Run ``op`` on the selected backend."""
-    return _ops[_select_name(op, device, *args, **kwargs)][op].fn(*args, **kwargs)
+    if torch.compiler.is_compiling():
+        name = _select_traced(op, device, args, kwargs)
+    else:
+        name = select(op, device, *args, **kwargs)[0]
+    return _ops[name][op].fn(*args, **kwargs)

@@ -39,6 +39,7 @@ _MAX_HEAD_DIM = {"cpu": None, "cuda": 256}  # the CPU kernel tiles any head dim;
 _DEVICE = {"cpu": "cpu", "cuda": "cuda"}
 
 
+@torch._dynamo.assume_constant_result  # a constant of the build: keeps torch.compile from tracing into it
 def _has_kernel(op: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", key)
 
