@@ -45,14 +45,14 @@ class LayerNorm(torch.nn.LayerNorm):
     """``torch.nn.LayerNorm`` computed by ``fastattn.layer_norm`` (float32 under autocast)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
-        return apply_norm(self, input)
+        return _fused_norm(self, "layer_norm", input)
 
 
 class RMSNorm(torch.nn.RMSNorm):
     """``torch.nn.RMSNorm`` computed by ``fastattn.rms_norm`` (eps None: finfo(input.dtype).eps)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_norm(self, x)
+        return _fused_norm(self, "rms_norm", x)
 
 
 class FeedForward(torch.nn.Module):
@@ -102,12 +102,12 @@ class FeedForward(torch.nn.Module):
 
 
 def _norm_kind(norm: torch.nn.Module) -> str | None:
-    """'layer_norm' / 'rms_norm' for torch's or fastattn's norm (exact types: a user subclass may
-    have its own forward), else None."""
-    kind = type(norm)
-    if kind in (torch.nn.LayerNorm, LayerNorm):
+    """'layer_norm' / 'rms_norm' for a norm whose forward is torch's or fastattn's own (a subclass that
+    overrides forward is called as is), else None."""
+    forward = getattr(type(norm), "forward", None)
+    if isinstance(norm, torch.nn.LayerNorm) and forward in (torch.nn.LayerNorm.forward, LayerNorm.forward):
         return "layer_norm"
-    if kind in (torch.nn.RMSNorm, RMSNorm):
+    if isinstance(norm, torch.nn.RMSNorm) and forward in (torch.nn.RMSNorm.forward, RMSNorm.forward):
         return "rms_norm"
     return None
 
@@ -124,6 +124,12 @@ def apply_norm(norm: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | 
             return norm(x)
         total = x + residual
         return norm(total), total
+    return _fused_norm(norm, kind, x, residual)
+
+
+def _fused_norm(norm: torch.nn.Module, kind: str, x: torch.Tensor, residual: torch.Tensor | None = None):
+    """``apply_norm`` for a LayerNorm/RMSNorm: one fastattn call (never ``norm.forward``, which for a
+    fastattn twin or its subclass would come back here)."""
     if residual is not None and residual.dtype != x.dtype:  # e.g. a bf16 block output onto an fp32 stream
         dtype = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(dtype), residual.to(dtype)
