@@ -331,7 +331,8 @@ def _norm(op, x, shape, params, eps, residual):
     r2 = None if residual is None else residual.reshape(-1, n)
     flat = [None if p is None else p.reshape(n) for p in params]
     if x.numel() == 0:
-        y, s = x.clone(), (None if residual is None else x + residual)
+        # zeros still connected to x, residual and the parameters: backward gives zero gradients
+        y, s = _empty_like_graph(x.shape, x, x, residual, *params), (None if residual is None else x + residual)
     else:
         y, s = dispatch.call(op, x.device, x2, *flat, eps, r2)
     y = y.reshape(x.shape)

@@ -367,3 +367,22 @@ def test_gpu_bandwidth_sanity(op, shape):
     print(f"{op} {shape}: fwd {fwd_gbps:.0f} GB/s, bwd {bwd_gbps:.0f} GB/s, copy {copy_gbps:.0f} GB/s")
     assert fwd_gbps > 0.5 * copy_gbps
     assert bwd_gbps > 0.5 * copy_gbps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_empty_input_keeps_the_graph(backend, op, with_residual):
+    """An empty batch stays connected to weight, bias and residual: backward gives zero gradients
+    of the right shapes, as torch's norms do."""
+    _require_kernel(backend, op)
+    x, w = rand(0, 8).requires_grad_(), rand(8).requires_grad_()
+    b = rand(8).requires_grad_() if op == "layer_norm" else None
+    r = rand(0, 8).requires_grad_() if with_residual else None
+    with fastattn.use_backend(backend):
+        result = norm(op, x, (8,), w, b, residual=r)
+    y = result[0] if with_residual else result
+    leaves = [t for t in (x, w, b, r) if t is not None]
+    grads = torch.autograd.grad(y.sum(), leaves)
+    for t, g in zip(leaves, grads):
+        assert g.shape == t.shape and torch.all(g == 0)
