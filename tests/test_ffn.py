@@ -456,3 +456,9 @@ def test_every_requires_grad_subset(backend, bias):
         for i, wanted in zip(present, mask):
             args[i].requires_grad_(wanted)
         _check_against_oracle(backend, args, "gelu")
+
+
+def test_missing_w1_names_the_argument():
+    x, _, _, w2, _ = _make((3,), D_MODEL, HIDDEN, D_OUT, "gelu", torch.float32, "cpu")
+    with pytest.raises(TypeError, match="w1"):
+        fastattn.feed_forward(x, None, None, w2)

@@ -24,7 +24,7 @@ __all__ = ["FeedForward", "LayerNorm", "RMSNorm", "Softmax"]
 
 class Softmax(torch.nn.Softmax):
     """``torch.nn.Softmax(dim)`` computed by ``fastattn.softmax`` (in float32, returned in the input's
-    dtype; float32 under autocast, as torch's autocast does for softmax)."""
+    dtype; float32 under CUDA autocast, the input's dtype under CPU autocast, as torch's)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002  (torch's argument name)
         return functional.softmax(input, _softmax_dim(self.dim, input))
@@ -42,7 +42,7 @@ def _softmax_dim(dim: int | None, x: torch.Tensor) -> int:
 
 
 class LayerNorm(torch.nn.LayerNorm):
-    """``torch.nn.LayerNorm`` computed by ``fastattn.layer_norm`` (float32 under autocast)."""
+    """``torch.nn.LayerNorm`` computed by ``fastattn.layer_norm`` (under autocast as torch's: float32 on CUDA, the input's dtype on CPU)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
         return _fused_norm(self, "layer_norm", input)
@@ -136,7 +136,9 @@ def _fused_norm(norm: torch.nn.Module, kind: str, x: torch.Tensor, residual: tor
     weight, bias = norm.weight, getattr(norm, "bias", None)
     out_dtype = None
     if torch.is_autocast_enabled(x.device.type):
-        # Autocast runs norms in float32; cast first so that fastattn's dtype checks see matching tensors.
+        if x.device.type == "cpu":  # CPU autocast leaves torch's norms in the input's dtype
+            out_dtype = x.dtype
+        # Autocast runs the norm in float32; cast first so that fastattn's dtype checks see matching tensors.
         x, residual, weight, bias = (None if t is None else t.float() for t in (x, residual, weight, bias))
     elif weight is not None and weight.dtype != x.dtype:
         # torch accepts e.g. bf16 activations with fp32 norm parameters: it computes in the wider
