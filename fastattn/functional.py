@@ -221,11 +221,12 @@ def _softmax(x, dim, scale, mask, is_causal, log):
         _check_mask("mask", mask, x.shape, x.device)
     if x.dim() == 0:
         return _softmax(x[None], 0, scale, None if mask is None else mask[None], False, log)[0]
+    out_dtype = _autocast_out_dtype(x)
     if torch.is_autocast_enabled(x.device.type):  # autocast runs softmax in float32, as torch's
         x = x.float()
     dim = dim % x.dim()
     if x.numel() == 0:
-        return reference.softmax(x, dim, scale, mask, is_causal, log)
+        return reference.softmax(x, dim, scale, mask, is_causal, log).to(out_dtype or x.dtype)
     last = dim == x.dim() - 1
     if is_causal and not last:  # the kernels' causal mask runs along rows; build it otherwise
         causal = reference.causal_mask(x.size(-2), x.size(-1), x.device)
@@ -240,7 +241,7 @@ def _softmax(x, dim, scale, mask, is_causal, log):
     mask_rows = None if mask is None else mask.expand(x.shape).movedim(dim, -1)
     scale = 1.0 if scale is None else float(scale)
     y = dispatch.call("softmax", x.device, x_rows, mask_rows, scale, bool(is_causal), log)
-    return y.movedim(-1, dim)
+    return y.movedim(-1, dim).to(out_dtype or y.dtype)
 
 
 def softmax(x, dim=-1, *, scale=None, mask=None, is_causal=False):
@@ -274,6 +275,8 @@ def feed_forward(x, w1, b1=None, w2=None, b2=None, *, activation="gelu", dropout
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     _check_tensor("x", x)
+    if w1 is None:
+        raise TypeError("w1 is required")
     if w2 is None:
         raise TypeError("w2 is required")
     for name, t in (("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2)):
@@ -311,7 +314,14 @@ def _check_norm(x, normalized_shape, params, residual):
     # Under autocast the norm runs in float32 whatever the dtypes (as torch's: a bf16 x with float32
     # weights and a float32 residual stream is the usual mixed-precision case), so only devices must match.
     same_dtype = not torch.is_autocast_enabled(x.device.type)
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
+        shape = (normalized_shape,)
+    elif isinstance(normalized_shape, (tuple, list, torch.Size)) and all(
+        isinstance(d, int) and not isinstance(d, bool) for d in normalized_shape
+    ):
+        shape = tuple(normalized_shape)
+    else:
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
     if len(shape) == 0 or len(shape) > x.dim() or tuple(x.shape[-len(shape):]) != shape:
         raise ValueError(f"normalized_shape {shape} does not match the last dims of x {tuple(x.shape)}")
     for name, t in params:
@@ -326,8 +336,23 @@ def _check_norm(x, normalized_shape, params, residual):
     return shape
 
 
+def _autocast_out_dtype(x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.dtype | None:
+    """The dtype torch's norms and (log_)softmax return under CPU autocast: their input's (CPU
+    autocast does not list them; CUDA autocast runs them in float32), else None (no cast back)."""
+    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return None
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__} {eps!r}")
+    return float(eps)
+
+
 def _norm(op, x, shape, params, eps, residual):
     n = math.prod(shape)
+    out_dtype = _autocast_out_dtype(x, residual)
     if torch.is_autocast_enabled(x.device.type):  # autocast runs norms in float32, as torch's
         x = x.float()
         residual = None if residual is None else residual.float()
@@ -336,10 +361,13 @@ def _norm(op, x, shape, params, eps, residual):
     r2 = None if residual is None else residual.reshape(-1, n)
     flat = [None if p is None else p.reshape(n) for p in params]
     if x.numel() == 0:
-        y, s = x.clone(), (None if residual is None else x + residual)
+        # zeros still connected to x, residual and the parameters: backward gives zero gradients
+        y, s = _empty_like_graph(x.shape, x, x, residual, *params), (None if residual is None else x + residual)
     else:
         y, s = dispatch.call(op, x.device, x2, *flat, eps, r2)
     y = y.reshape(x.shape)
+    if out_dtype is not None:
+        y, s = y.to(out_dtype), (None if s is None else s.to(out_dtype))
     return y if residual is None else (y, s.reshape(x.shape))
 
 
@@ -347,12 +375,15 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, residua
     """F.layer_norm over ``normalized_shape``. With ``residual``: s = x + residual is fused in and
     ``(layer_norm(s), s)`` is returned (the pre-norm block's pattern)."""
     shape = _check_norm(x, normalized_shape, (("weight", weight), ("bias", bias)), residual)
-    return _norm("layer_norm", x, shape, [weight, bias], float(eps), residual)
+    return _norm("layer_norm", x, shape, [weight, bias], _check_eps(eps), residual)
 
 
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, residual=None):
     """F.rms_norm: x / sqrt(mean(x²) + eps) · weight; eps None means torch.finfo(x.dtype).eps.
     With ``residual``: ``(rms_norm(x + residual), x + residual)``."""
     shape = _check_norm(x, normalized_shape, (("weight", weight),), residual)
-    eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
+    if eps is None:  # the dtype of x + residual, which torch's rms_norm would be given
+        eps = torch.finfo(x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)).eps
+    else:
+        eps = _check_eps(eps)
     return _norm("rms_norm", x, shape, [weight], eps, residual)

@@ -475,3 +475,27 @@ def test_triton_gpu_peak_memory_vs_torch(activation):
     torch_peak = _peak_bytes(step(torch_block))
     print(f"peak fwd+bwd over weights: fastattn {ours_peak / 2**20:.0f} MiB, torch {torch_peak / 2**20:.0f} MiB")
     assert ours_peak <= 0.6 * torch_peak
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_every_requires_grad_subset(backend, bias):
+    """Each non-empty subset of (x, w1, b1, w2, b2) requiring grad (LoRA-style frozen weights, a frozen
+    input without biases...) gives the oracle's gradients; the unneeded ones must not alias."""
+    import itertools
+
+    args = _make((21,), D_MODEL, HIDDEN, D_OUT, "gelu", torch.float32, _device(backend), bias)
+    _skip_unless_served(backend, args, "gelu")
+    present = [i for i, t in enumerate(args) if t is not None]
+    for mask in itertools.product([False, True], repeat=len(present)):
+        if not any(mask):
+            continue
+        for i, wanted in zip(present, mask):
+            args[i].requires_grad_(wanted)
+        _check_against_oracle(backend, args, "gelu")
+
+
+def test_missing_w1_names_the_argument():
+    x, _, _, w2, _ = _make((3,), D_MODEL, HIDDEN, D_OUT, "gelu", torch.float32, "cpu")
+    with pytest.raises(TypeError, match="w1"):
+        fastattn.feed_forward(x, None, None, w2)

@@ -757,3 +757,56 @@ def test_ddp_trains():
         finally:
             dist.destroy_process_group()
     assert losses[-1] < losses[0]
+
+
+class _PlainLayerNorm(fnn.LayerNorm):
+    pass
+
+
+class _PlainRMSNorm(fnn.RMSNorm):
+    pass
+
+
+class _ScaledLayerNorm(fnn.LayerNorm):
+    def forward(self, input):  # noqa: A002
+        return 2.0 * super().forward(input)
+
+
+class _ScaledRMSNorm(fnn.RMSNorm):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_norm_subclasses_run_without_recursion():
+    """Subclasses of fastattn's norms (with or without their own forward) compute torch's norm."""
+    x = torch.randn(3, 8, dtype=torch.float64)
+    for cls, scale in ((_PlainLayerNorm, 1.0), (_ScaledLayerNorm, 2.0)):
+        norm = cls(8, dtype=torch.float64)
+        torch.nn.init.normal_(norm.weight)
+        expected = scale * F.layer_norm(x, (8,), norm.weight, norm.bias, norm.eps)
+        torch.testing.assert_close(norm(x), expected)
+    for cls, scale in ((_PlainRMSNorm, 1.0), (_ScaledRMSNorm, 2.0)):
+        norm = cls(8, dtype=torch.float64)
+        torch.nn.init.normal_(norm.weight)
+        expected = scale * F.rms_norm(x, (8,), norm.weight, norm.eps)
+        torch.testing.assert_close(norm(x), expected)
+
+
+def test_apply_norm_calls_an_overridden_forward():
+    """A torch-norm subclass with its own forward is called as is, inheriting torch's forward is fused."""
+    from fastattn.nn.layers import apply_norm
+
+    class Doubled(torch.nn.LayerNorm):
+        def forward(self, input):  # noqa: A002
+            return 2.0 * super().forward(input)
+
+    class Inherited(torch.nn.RMSNorm):
+        pass
+
+    x, residual = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    doubled = Doubled(8, dtype=torch.float64)
+    out, total = apply_norm(doubled, x, residual)
+    torch.testing.assert_close(out, 2.0 * F.layer_norm(x + residual, (8,), doubled.weight, doubled.bias))
+    torch.testing.assert_close(total, x + residual)
+    inherited = Inherited(8, dtype=torch.float64)
+    torch.testing.assert_close(apply_norm(inherited, x), F.rms_norm(x, (8,), inherited.weight))

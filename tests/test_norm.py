@@ -367,3 +367,64 @@ def test_gpu_bandwidth_sanity(op, shape):
     print(f"{op} {shape}: fwd {fwd_gbps:.0f} GB/s, bwd {bwd_gbps:.0f} GB/s, copy {copy_gbps:.0f} GB/s")
     assert fwd_gbps > 0.5 * copy_gbps
     assert bwd_gbps > 0.5 * copy_gbps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_empty_input_keeps_the_graph(backend, op, with_residual):
+    """An empty batch stays connected to weight, bias and residual: backward gives zero gradients
+    of the right shapes, as torch's norms do."""
+    _require_kernel(backend, op)
+    x, w = rand(0, 8).requires_grad_(), rand(8).requires_grad_()
+    b = rand(8).requires_grad_() if op == "layer_norm" else None
+    r = rand(0, 8).requires_grad_() if with_residual else None
+    with fastattn.use_backend(backend):
+        result = norm(op, x, (8,), w, b, residual=r)
+    y = result[0] if with_residual else result
+    leaves = [t for t in (x, w, b, r) if t is not None]
+    grads = torch.autograd.grad(y.sum(), leaves)
+    for t, g in zip(leaves, grads):
+        assert g.shape == t.shape and torch.all(g == 0)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda x: fastattn.layer_norm(x, None), "normalized_shape"),
+        (lambda x: fastattn.layer_norm(x, (6.0,)), "normalized_shape"),
+        (lambda x: fastattn.layer_norm(x, (6,), eps=None), "eps"),
+        (lambda x: fastattn.layer_norm(x, (6,), eps="a"), "eps"),
+        (lambda x: fastattn.rms_norm(x, (6,), eps="a"), "eps"),
+    ],
+)
+def test_bad_shape_and_eps_name_the_argument(call, match):
+    with pytest.raises(TypeError, match=match):
+        call(rand(3, 6))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("residual_dtype", [None, torch.float32], ids=["plain", "fp32-residual"])
+def test_cpu_autocast_returns_torchs_dtype(x_dtype, residual_dtype):
+    """CPU autocast leaves torch's norms in their input's dtype (unlike CUDA's, which use float32):
+    fastattn's functions and modules return what torch's do there, with torch's values."""
+    import fastattn.nn as fnn
+
+    x, w, b = torch.randn(4, 16, dtype=x_dtype), torch.randn(16) + 1, torch.randn(16)
+    r = None if residual_dtype is None else torch.randn(4, 16, dtype=residual_dtype)
+    s = x if r is None else x + r
+    ln, rms = torch.nn.LayerNorm(16), torch.nn.RMSNorm(16)
+    fast_ln, fast_rms = fnn.LayerNorm(16), fnn.RMSNorm(16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pairs = [
+            (fastattn.layer_norm(x, (16,), w, b, residual=r), F.layer_norm(s, (16,), w, b)),
+            (fastattn.rms_norm(x, (16,), w, residual=r), F.rms_norm(s, (16,), w)),
+        ]
+        if r is None:
+            pairs += [(fast_ln(x), ln(x)), (fast_rms(x), rms(x))]
+    for out, expected in pairs:
+        if r is not None:
+            out, total = out
+            assert total.dtype == s.dtype
+        assert out.dtype == expected.dtype
+        torch.testing.assert_close(out, expected)

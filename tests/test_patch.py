@@ -146,3 +146,28 @@ def test_patch_rejects_non_modules():
         fastattn.patch(torch.randn(3))
     with pytest.raises(TypeError, match="model"):
         fastattn.unpatch("model")
+
+
+class _MyLayerNorm(torch.nn.LayerNorm):
+    pass
+
+
+class _ShiftedLayerNorm(torch.nn.LayerNorm):
+    def forward(self, input):  # noqa: A002
+        return super().forward(input) + 1.0
+
+
+def test_patch_model_whose_norms_subclass_torchs():
+    """patch leaves norm subclasses alone, and the patched layers still compute with them (their own
+    forward when overridden), as the unpatched model does."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(E, H, dim_feedforward=16, dropout=0.0, batch_first=True,
+                                             dtype=torch.float64)
+    layer.norm1, layer.norm2 = _MyLayerNorm(E, dtype=torch.float64), _ShiftedLayerNorm(E, dtype=torch.float64)
+    x = torch.randn(N, L, E, dtype=torch.float64)
+    expected = layer(x)
+    report = fastattn.patch(layer)
+    assert type(layer) is fnn.TransformerEncoderLayer
+    assert {name for name, _ in report.skipped} >= {"norm1", "norm2"}
+    assert type(layer.norm1) is _MyLayerNorm and type(layer.norm2) is _ShiftedLayerNorm
+    torch.testing.assert_close(layer(x), expected)

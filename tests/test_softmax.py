@@ -427,3 +427,18 @@ def test_gpu_bandwidth_sanity(shape):
     print(f"softmax {shape}: fwd {fwd_gbps:.0f} GB/s, bwd {bwd_gbps:.0f} GB/s, copy {copy_gbps:.0f} GB/s")
     assert fwd_gbps > 0.5 * copy_gbps
     assert bwd_gbps > 0.5 * copy_gbps
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_cpu_autocast_returns_torchs_dtype(dtype):
+    """CPU autocast leaves torch's (log_)softmax in the input's dtype: fastattn's do the same."""
+    x = torch.randn(4, 33, dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pairs = [
+            (fastattn.log_softmax(x, -1), torch.log_softmax(x, -1)),
+            (fastattn.softmax(x, -1), torch.softmax(x, -1)),
+            (fastattn.log_softmax(x[:0], -1), torch.log_softmax(x[:0], -1)),
+        ]
+    for out, expected in pairs:
+        assert out.dtype == expected.dtype
+        torch.testing.assert_close(out, expected)

@@ -24,7 +24,7 @@ __all__ = ["FeedForward", "LayerNorm", "RMSNorm", "Softmax"]
 
 class Softmax(torch.nn.Softmax):
     """``torch.nn.Softmax(dim)`` computed by ``fastattn.softmax`` (in float32, returned in the input's
-    dtype; float32 under autocast, as torch's autocast does for softmax)."""
+    dtype; float32 under CUDA autocast, the input's dtype under CPU autocast, as torch's)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002  (torch's argument name)
         return functional.softmax(input, _softmax_dim(self.dim, input))
@@ -42,17 +42,17 @@ def _softmax_dim(dim: int | None, x: torch.Tensor) -> int:
 
 
 class LayerNorm(torch.nn.LayerNorm):
-    """``torch.nn.LayerNorm`` computed by ``fastattn.layer_norm`` (float32 under autocast)."""
+    """``torch.nn.LayerNorm`` computed by ``fastattn.layer_norm`` (under autocast as torch's: float32 on CUDA, the input's dtype on CPU)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
-        return apply_norm(self, input)
+        return _fused_norm(self, "layer_norm", input)
 
 
 class RMSNorm(torch.nn.RMSNorm):
     """``torch.nn.RMSNorm`` computed by ``fastattn.rms_norm`` (eps None: finfo(input.dtype).eps)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_norm(self, x)
+        return _fused_norm(self, "rms_norm", x)
 
 
 class FeedForward(torch.nn.Module):
@@ -102,12 +102,12 @@ class FeedForward(torch.nn.Module):
 
 
 def _norm_kind(norm: torch.nn.Module) -> str | None:
-    """'layer_norm' / 'rms_norm' for torch's or fastattn's norm (exact types: a user subclass may
-    have its own forward), else None."""
-    kind = type(norm)
-    if kind in (torch.nn.LayerNorm, LayerNorm):
+    """'layer_norm' / 'rms_norm' for a norm whose forward is torch's or fastattn's own (a subclass that
+    overrides forward is called as is), else None."""
+    forward = getattr(type(norm), "forward", None)
+    if isinstance(norm, torch.nn.LayerNorm) and forward in (torch.nn.LayerNorm.forward, LayerNorm.forward):
         return "layer_norm"
-    if kind in (torch.nn.RMSNorm, RMSNorm):
+    if isinstance(norm, torch.nn.RMSNorm) and forward in (torch.nn.RMSNorm.forward, RMSNorm.forward):
         return "rms_norm"
     return None
 
@@ -124,13 +124,21 @@ def apply_norm(norm: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor | 
             return norm(x)
         total = x + residual
         return norm(total), total
+    return _fused_norm(norm, kind, x, residual)
+
+
+def _fused_norm(norm: torch.nn.Module, kind: str, x: torch.Tensor, residual: torch.Tensor | None = None):
+    """``apply_norm`` for a LayerNorm/RMSNorm: one fastattn call (never ``norm.forward``, which for a
+    fastattn twin or its subclass would come back here)."""
     if residual is not None and residual.dtype != x.dtype:  # e.g. a bf16 block output onto an fp32 stream
         dtype = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(dtype), residual.to(dtype)
     weight, bias = norm.weight, getattr(norm, "bias", None)
     out_dtype = None
     if torch.is_autocast_enabled(x.device.type):
-        # Autocast runs norms in float32; cast first so that fastattn's dtype checks see matching tensors.
+        if x.device.type == "cpu":  # CPU autocast leaves torch's norms in the input's dtype
+            out_dtype = x.dtype
+        # Autocast runs the norm in float32; cast first so that fastattn's dtype checks see matching tensors.
         x, residual, weight, bias = (None if t is None else t.float() for t in (x, residual, weight, bias))
     elif weight is not None and weight.dtype != x.dtype:
         # torch accepts e.g. bf16 activations with fp32 norm parameters: it computes in the wider

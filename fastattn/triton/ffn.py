@@ -479,12 +479,12 @@ def ffn_bwd(
         w2.stride(0), w2.stride(1), a.stride(0), dh.stride(0),
         HAS_BIAS=b1 is not None, **_kernel_flags(x, activation, dropout_p, rows, hidden),
     )  # fmt: skip
-    nothing = x.new_empty(0)
-    dx = torch.mm(dh, w1) if need_dx else nothing
-    dw1 = torch.mm(dh.t(), x) if need_dw1 else nothing
-    db1 = dh.sum(0, dtype=torch.float32).to(x.dtype) if need_dw1 and b1 is not None else nothing
-    dw2 = torch.mm(dout.t(), a) if need_dw2 else nothing
-    db2 = dout.sum(0, dtype=torch.float32).to(x.dtype) if need_dw2 else nothing
+    # A fresh empty tensor for each gradient not computed: a custom op may not return aliased outputs.
+    dx = torch.mm(dh, w1) if need_dx else x.new_empty(0)
+    dw1 = torch.mm(dh.t(), x) if need_dw1 else x.new_empty(0)
+    db1 = dh.sum(0, dtype=torch.float32).to(x.dtype) if need_dw1 and b1 is not None else x.new_empty(0)
+    dw2 = torch.mm(dout.t(), a) if need_dw2 else x.new_empty(0)
+    db2 = dout.sum(0, dtype=torch.float32).to(x.dtype) if need_dw2 else x.new_empty(0)
     return dx, dw1, db1, dw2, db2
 
 
