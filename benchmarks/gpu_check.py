@@ -132,10 +132,19 @@ class Harness:
             raise
         finally:
             record["elapsed_s"] = round(time.monotonic() - started, 1)
-        result = self.work / f"{name}.json"
-        if result.exists():
-            self.state["results"][name] = json.loads(result.read_text())
+            self.collect(name)
         self.note(f"stage {name}: {record['status']} in {record['elapsed_s']} s")
+
+    def collect(self, name: str) -> None:
+        """What the stage left behind, even when it was killed."""
+        try:
+            result = self.work / f"{name}.json"
+            if result.exists():
+                self.state["results"][name] = json.loads(result.read_text())
+            if name == "bench":
+                self.state["results"].setdefault("bench", {}).update(collect_bench(self.work, self.out))
+        except Exception as exc:  # a half-written result must not cost the summary
+            self.state["stages"][name]["collect_error"] = f"{type(exc).__name__}: {exc}"
 
     def on_signal(self, signum, frame):
         raise HarnessSignal(signum)
@@ -220,7 +229,8 @@ def render_summary(state: dict) -> str:
     bench = res.get("bench", {})
     if bench:
         lines += ["", f"Bench families: {bench.get('families')}; autotuned kernels: {bench.get('autotuned', 0)} "
-                      f"(autotune.json); raw results: results.tar.gz"]
+                      f"(autotune.json); raw results: results.tar.gz "
+                      f"(`tar xzf results.tar.gz -C benchmarks/results` gives benchmarks/results/{bench.get('results_dir')}/)"]
     return "\n".join(lines) + "\n"
 
 
@@ -371,8 +381,19 @@ def stage_tests(args) -> dict:
         selection = ["tests/test_attention.py", "-k", "dropout_fraction or empty", "-x"]
     else:
         selection = ["tests", "--gpu-or-files", ",".join(TEST_FILES)]
-    done = subprocess.run(pytest_command(selection, junit, 60.0), cwd=REPO_ROOT)
-    result = {"returncode": done.returncode}
+    # Interrupted (SIGINT) before the stage's deadline, pytest still writes the junit XML of what ran.
+    budget = float(os.environ.get("GPU_CHECK_STAGE_BUDGET_S", "600"))
+    proc = subprocess.Popen(pytest_command(selection, junit, 60.0), cwd=REPO_ROOT)
+    try:
+        proc.wait(timeout=max(5.0, budget - 12))
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    result = {"returncode": proc.returncode}
     if junit.exists():
         result.update(junit_summary(junit))
     return result
@@ -425,29 +446,50 @@ def describe_autotuner(tuner) -> dict:
 
 
 def stage_bench(args) -> dict:
+    """One family at a time (attention first), the autotune choices dumped after each, so a stage
+    killed at its deadline still leaves the families it finished."""
     from benchmarks import FAMILIES, run
 
-    results = args.work / "results"
-    argv = ["--only", BENCH_FAMILIES, "--no-progress", "--quiet", "--out", str(results)]
+    families = BENCH_FAMILIES.split(",")
+    assert set(families) <= set(FAMILIES)
+    argv = ["--no-progress", "--quiet", "--out", str(args.work / "results")]
     if args.dry_run:
         argv += ["--size", "tiny", "--device", "cpu", "--no-memory", "--no-plots", "--budget-scale", "0.1"]
     else:
-        total = sum(run.family_module(f).BUDGET_S["cuda"] for f in BENCH_FAMILIES.split(","))
+        total = sum(run.family_module(f).BUDGET_S["cuda"] for f in families)
         budget = float(os.environ.get("GPU_CHECK_STAGE_BUDGET_S", "200"))
         argv += ["--no-plots", "--budget-scale", f"{0.75 * budget / total:.3f}"]
-    assert set(BENCH_FAMILIES.split(",")) <= set(FAMILIES)
-    run.main(argv)
     import fastattn.triton.attention as tri
 
-    tuned = {str(key): describe_autotuner(t) for key, t in tri.tuned_kernels().items()}
-    atomic_write(args.out / "autotune.json", json.dumps(tuned, indent=1, default=str))
-    with tarfile.open(args.out / ".results.tar.gz.tmp", "w:gz") as tar:
-        tar.add(results, arcname="results")
-    os.replace(args.out / ".results.tar.gz.tmp", args.out / "results.tar.gz")
-    attention = json.loads((results / "attention.json").read_text())
-    rows = [{"series": r["series"], "x": r["x"], "mode": r["mode"], "provider": r["provider"], "tflops": r["metric"]}
+    errors, tuned = {}, {}
+    for family in families:
+        try:
+            run.main(["--only", family, *argv])
+        except Exception as exc:  # the next family still runs
+            errors[family] = f"{type(exc).__name__}: {exc}"
+        tuned = {str(key): describe_autotuner(t) for key, t in tri.tuned_kernels().items()}
+        atomic_write(args.out / "autotune.json", json.dumps(tuned, indent=1, default=str))
+    return {"autotuned": len(tuned), "errors": errors}
+
+
+def collect_bench(work: Path, out: Path) -> dict:
+    """Packs the bench results that exist (whatever the stage's end) and reads the attention rows."""
+    results = work / "results"
+    if not results.is_dir():
+        return {}
+    stamps = [json.loads(p.read_text()).get("stamp", {}) for p in sorted(results.glob("*.json"))]
+    # named as benchmarks/results/ names it: `tar xzf results.tar.gz -C benchmarks/results` puts it in place
+    slug = next((st["device_slug"] for st in stamps if st.get("device_slug")), "unknown-device")
+    with tarfile.open(out / ".results.tar.gz.tmp", "w:gz") as tar:
+        tar.add(results, arcname=slug)
+    os.replace(out / ".results.tar.gz.tmp", out / "results.tar.gz")
+    found = {"families": ",".join(sorted(p.stem for p in results.glob("*.json"))), "results_dir": slug}
+    if (results / "attention.json").is_file():
+        attention = json.loads((results / "attention.json").read_text())
+        found["attention_rows"] = [
+            {"series": r["series"], "x": r["x"], "mode": r["mode"], "provider": r["provider"], "tflops": r["metric"]}
             for r in attention["results"] if r["status"] == "ok" and r.get("metric")]
-    return {"families": BENCH_FAMILIES, "autotuned": len(tuned), "attention_rows": rows}
+    return found
 
 
 STAGE_FUNCTIONS = {"env": stage_env, "build": stage_build, "tests": stage_tests, "sanitizer": stage_sanitizer,
