@@ -60,8 +60,9 @@ bench: build
 # 8 files): environment and ceilings, build, GPU tests, compute-sanitizer, key benchmarks, summary.md.
 OUT ?= gpu-check-out
 BUDGET ?= 480
+GPU_CHECK_ARGS ?=
 gpu-check:
-	mkdir -p $(OUT) && PYTHONUNBUFFERED=1 $(PYTHON) -m benchmarks.gpu_check --out $(OUT) --budget-s $(BUDGET)
+	mkdir -p $(OUT) && PYTHONUNBUFFERED=1 $(PYTHON) -m benchmarks.gpu_check --out $(OUT) --budget-s $(BUDGET) $(GPU_CHECK_ARGS)
 
 gpu-report: build
 	$(PYTHON) -m pytest tests -m gpu -q 2>&1 | tee benchmarks/results/gpu-tests.log

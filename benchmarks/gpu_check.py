@@ -9,7 +9,7 @@ as "timeout"; the run goes on. summary.md and gpu_check.json are rewritten atomi
 stage, and on SIGTERM/SIGINT the running stage is killed and recorded as "killed" first, so a
 killed call still returns its finished stages. --out holds at most 8 files of at most 16 MiB (the
 transport's limits). --dry-run runs every stage on the CPU with tiny sizes (CI runs it).
-Test hook: FASTATTN_GPU_CHECK_HANG=<stage> makes that stage sleep until it is killed.
+Test hook: FASTATTN_GPU_CHECK_HANG=<stage> makes that stage sleep, ignoring SIGTERM, until it is killed.
 """
 
 from __future__ import annotations
@@ -95,7 +95,9 @@ class Harness:
 
     def stage_command(self, name: str) -> list[str]:
         if os.environ.get("FASTATTN_GPU_CHECK_HANG") == name:
-            return [sys.executable, "-c", "import time\nwhile True: time.sleep(60)"]
+            # a stubborn hang: ignores SIGTERM, so the SIGKILL after the grace period is tested too
+            return [sys.executable, "-c", "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                    "while True: time.sleep(60)"]
         cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--stage", name, "--out", str(self.out),
                "--work", str(self.work)]
         return cmd + (["--dry-run"] if self.args.dry_run else [])

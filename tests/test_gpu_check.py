@@ -82,7 +82,7 @@ def test_sigterm_mid_stage_kills_the_stage_and_keeps_the_summary(tmp_path):
     state = wait_for_running(tmp_path, "build")
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=8) == 128 + signal.SIGTERM
+    assert proc.wait(timeout=gpu_check.KILL_GRACE_S + 8) == 128 + signal.SIGTERM
     state = read_state(tmp_path)
     assert state["stages"]["env"]["status"] in ("ok", "timeout")
     assert state["stages"]["build"]["status"] == "killed"
