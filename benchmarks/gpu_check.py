@@ -224,6 +224,8 @@ def render_summary(state: dict) -> str:
         verdict = "PASS" if counts["failed"] == 0 and counts["passed"] > 0 else "FAIL" if counts["failed"] else "NONE RAN"
         lines.append(f"- {backend}: {verdict}: {counts['passed']} passed, {counts['failed']} failed, "
                      f"{counts['skipped']} skipped")
+    if tests.get("interrupted_at_deadline"):
+        lines.append("- pytest was interrupted at the stage's deadline: the counts cover the tests that ran")
     lines += [f"- first failures: {f}" for f in tests.get("failures", [])[:10]]
     san = res.get("sanitizer", {})
     lines += ["", "## compute-sanitizer", ""] + [f"- {k}: {v}" for k, v in san.items()]
@@ -386,16 +388,18 @@ def stage_tests(args) -> dict:
     # Interrupted (SIGINT) before the stage's deadline, pytest still writes the junit XML of what ran.
     budget = float(os.environ.get("GPU_CHECK_STAGE_BUDGET_S", "600"))
     proc = subprocess.Popen(pytest_command(selection, junit, 60.0), cwd=REPO_ROOT)
+    interrupted = False
     try:
-        proc.wait(timeout=max(5.0, budget - 12))
+        proc.wait(timeout=max(5.0, budget - 20))
     except subprocess.TimeoutExpired:
+        interrupted = True
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    result = {"returncode": proc.returncode}
+    result = {"returncode": proc.returncode, "interrupted_at_deadline": interrupted}
     if junit.exists():
         result.update(junit_summary(junit))
     return result
