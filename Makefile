@@ -11,7 +11,7 @@ CUDA_ARCHS ?= $(shell $(NVCC) --list-gpu-arch 2>/dev/null | grep -q compute_70 &
 # The half/bfloat16 macros torch's CUDAExtension builds with, so the check sees what the build sees.
 CUDA_CHECK_FLAGS ?= -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
 
-.PHONY: deps build test test-cuda-emulated test-gpu lint check-cuda check-sass bench gpu-report train clean
+.PHONY: deps build test test-cuda-emulated test-gpu lint check-cuda check-sass bench gpu-check gpu-report train clean
 
 # Installs only what is missing, so it also runs on a machine with no network but everything there.
 deps:
@@ -55,6 +55,14 @@ check-sass: deps
 
 bench: build
 	$(PYTHON) -m benchmarks.run $(BENCH_ARGS)
+
+# The prepared check for a lent GPU: one call (timeout 570 s), everything that matters in OUT (at most
+# 8 files): environment and ceilings, build, GPU tests, compute-sanitizer, key benchmarks, summary.md.
+OUT ?= gpu-check-out
+BUDGET ?= 480
+GPU_CHECK_ARGS ?=
+gpu-check:
+	mkdir -p $(OUT) && PYTHONUNBUFFERED=1 $(PYTHON) -m benchmarks.gpu_check --out $(OUT) --budget-s $(BUDGET) $(GPU_CHECK_ARGS)
 
 gpu-report: build
 	$(PYTHON) -m pytest tests -m gpu -q 2>&1 | tee benchmarks/results/gpu-tests.log

@@ -1,0 +1,526 @@
+"""One prepared GPU check that fits one 10-minute call: environment and ceilings, build, tests,
+compute-sanitizer, key benchmarks, summary.
+
+    python -m benchmarks.gpu_check --out DIR [--budget-s 480] [--dry-run]     (make gpu-check OUT=DIR)
+
+Each stage runs as a subprocess in its own session with a deadline: its share of the budget left.
+Past it the stage's process group is killed (SIGTERM, SIGKILL 5 s later) and the stage is recorded
+as "timeout"; the run goes on. summary.md and gpu_check.json are rewritten atomically after every
+stage, and on SIGTERM/SIGINT the running stage is killed and recorded as "killed" first, so a
+killed call still returns its finished stages. --out holds at most 8 files of at most 16 MiB (the
+transport's limits). --dry-run runs every stage on the CPU with tiny sizes (CI runs it).
+Test hook: FASTATTN_GPU_CHECK_HANG=<stage> makes that stage sleep, ignoring SIGTERM, until it is killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Stage name -> weight: a stage's deadline is weight / (weights of the stages left) of the time left,
+# so time a fast stage does not use goes to the later ones.
+STAGES = {"env": 0.06, "build": 0.24, "tests": 0.26, "sanitizer": 0.08, "bench": 0.36}
+MAX_FILES, MAX_FILE_BYTES = 8, 16 * 2**20
+LOG_LIMIT_BYTES = 15 * 2**20
+KILL_GRACE_S = 5.0
+SUMMARY_RESERVE_S = 4.0  # kept back for the last summary and packing
+MIN_STAGE_S = 10.0  # importing torch alone takes seconds: a stage's deadline is at least this (or what is left)
+BACKENDS = ("triton", "cuda", "cpu")
+TEST_FILES = ("test_attention.py", "test_softmax.py", "test_ffn.py", "test_norm.py")
+BENCH_FAMILIES = "attention,softmax,ffn,norm"
+
+
+class HarnessSignal(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------
+# the harness
+# ------------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the stage's process group, SIGKILL it after the grace period."""
+    for sig, wait_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, KILL_GRACE_S)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # children that outlived their leader
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Harness:
+    def __init__(self, args):
+        self.args, self.out = args, args.out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+        self.started = time.monotonic()
+        self.deadline = self.started + args.budget_s
+        self.log = self.out / "log.txt"
+        self.state = {"dry_run": args.dry_run, "budget_s": args.budget_s,
+                      "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      "stages": {name: {"status": "pending"} for name in STAGES}, "results": {}}
+
+    def note(self, text: str) -> None:
+        line = f"[gpu_check {time.monotonic() - self.started:6.1f}s] {text}"
+        print(line, flush=True)
+        with open(self.log, "a") as f:
+            f.write(line + "\n")
+
+    def stage_command(self, name: str) -> list[str]:
+        if os.environ.get("FASTATTN_GPU_CHECK_HANG") == name:
+            # a stubborn hang: ignores SIGTERM, so the SIGKILL after the grace period is tested too
+            return [sys.executable, "-c", "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                    "while True: time.sleep(60)"]
+        cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--stage", name, "--out", str(self.out),
+               "--work", str(self.work)]
+        return cmd + (["--dry-run"] if self.args.dry_run else [])
+
+    def run_stage(self, name: str, remaining_weight: float) -> None:
+        left = self.deadline - time.monotonic() - SUMMARY_RESERVE_S
+        share = min(left, max(MIN_STAGE_S, left * STAGES[name] / remaining_weight))
+        record = self.state["stages"][name]
+        record.update(status="running", deadline_s=round(share, 1))
+        if left <= 1.0:
+            record.update(status="skipped", reason="the budget was used up")
+            return
+        self.note(f"stage {name}: deadline {share:.0f} s")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+                   PYTHONUNBUFFERED="1", GPU_CHECK_STAGE_BUDGET_S=f"{share:.1f}")
+        started = time.monotonic()
+        with open(self.log, "a") as log:
+            proc = subprocess.Popen(self.stage_command(name), cwd=REPO_ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        record["pid"] = proc.pid
+        try:
+            self.finish(final=False)  # the summary shows the stage running (and its pid) while it runs
+            proc.wait(timeout=share)
+            record["status"] = "ok" if proc.returncode == 0 else "failed"
+            record["returncode"] = proc.returncode
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            record.update(status="timeout", reason=f"ran past its deadline ({share:.0f} s)")
+        except HarnessSignal as exc:
+            for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the cleanup short
+                signal.signal(sig, signal.SIG_IGN)
+            kill_group(proc)
+            record.update(status="killed", reason=f"the harness got signal {exc.args[0]}")
+            raise
+        finally:
+            record["elapsed_s"] = round(time.monotonic() - started, 1)
+            self.collect(name)
+        self.note(f"stage {name}: {record['status']} in {record['elapsed_s']} s")
+
+    def collect(self, name: str) -> None:
+        """What the stage left behind, even when it was killed."""
+        try:
+            result = self.work / f"{name}.json"
+            if result.exists():
+                self.state["results"][name] = json.loads(result.read_text())
+            if name == "bench":
+                self.state["results"].setdefault("bench", {}).update(collect_bench(self.work, self.out))
+        except Exception as exc:  # a half-written result must not cost the summary
+            self.state["stages"][name]["collect_error"] = f"{type(exc).__name__}: {exc}"
+
+    def on_signal(self, signum, frame):
+        raise HarnessSignal(signum)
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.on_signal)
+        code = 0
+        try:
+            names = list(STAGES)
+            for i, name in enumerate(names):
+                self.run_stage(name, sum(STAGES[n] for n in names[i:]))
+                self.finish(final=False)
+        except HarnessSignal as exc:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
+            code = 128 + exc.args[0]
+            self.note(f"killed by signal {exc.args[0]}")
+        self.finish(final=True)
+        shutil.rmtree(self.work, ignore_errors=True)
+        return code
+
+    def finish(self, final: bool) -> None:
+        self.state["elapsed_s"] = round(time.monotonic() - self.started, 1)
+        self.state["finished"] = final
+        atomic_write(self.out / "summary.md", render_summary(self.state))
+        atomic_write(self.out / "gpu_check.json", json.dumps(self.state, indent=1, default=str))
+        enforce_limits(self.out)
+
+
+def enforce_limits(out: Path) -> None:
+    """Truncate the log from the front and drop extra files so the transport takes everything."""
+    if (out / "log.txt").exists() and (out / "log.txt").stat().st_size > LOG_LIMIT_BYTES:
+        data = (out / "log.txt").read_bytes()[-LOG_LIMIT_BYTES:]
+        atomic_write(out / "log.txt", "[... truncated from the front ...]\n" + data.decode(errors="replace"))
+    keep = ("summary.md", "gpu_check.json", "log.txt", "junit.xml", "results.tar.gz", "autotune.json", "sanitizer.txt")
+    for path in out.iterdir():
+        if path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp"):
+            continue
+        if path.name not in keep or (path.is_file() and path.stat().st_size > MAX_FILE_BYTES):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink()
+
+
+# ------------------------------------------------------------------------------------------------
+# the summary
+# ------------------------------------------------------------------------------------------------
+
+
+def render_summary(state: dict) -> str:
+    res = state["results"]
+    lines = [f"# fastattn GPU check{' (dry run: CPU, tiny sizes)' if state['dry_run'] else ''}", "",
+             f"Started {state['started_utc']}, budget {state['budget_s']:g} s, elapsed {state['elapsed_s']} s"
+             f"{'' if state['finished'] else ' (still running or killed)'}.", "", "## Stages", ""]
+    for name, rec in state["stages"].items():
+        extra = f" in {rec['elapsed_s']} s" if "elapsed_s" in rec else ""
+        lines.append(f"- {name}: {rec['status']}{extra}{' (' + rec['reason'] + ')' if rec.get('reason') else ''}")
+    env = res.get("env", {})
+    if env:
+        lines += ["", "## Environment and ceilings", ""]
+        lines += [f"- {k}: {v}" for k, v in env.get("stamp", {}).items()]
+        for key, label in (("copy_gbps", "device copy (read+write) GB/s"), ("gemm_tflops", "bf16 GEMM TFLOP/s")):
+            if key in env.get("ceilings", {}):
+                lines.append(f"- {label}: {env['ceilings'][key]:.1f} ({env['ceilings']['what']})")
+    build = res.get("build", {})
+    built = state["stages"]["build"]["status"] == "ok" and build.get("cuda_backend") is None
+    lines += ["", "## Build", "", f"- {build.get('what', 'not run')}; backends: {build.get('backends')}"]
+    if not built:
+        lines.append("- the CUDA backend is not usable: triton backend only")
+    tests = res.get("tests", {})
+    lines += ["", "## Tests (pass/fail per backend)", ""]
+    for backend, counts in tests.get("per_backend", {}).items():
+        verdict = "PASS" if counts["failed"] == 0 and counts["passed"] > 0 else "FAIL" if counts["failed"] else "NONE RAN"
+        lines.append(f"- {backend}: {verdict}: {counts['passed']} passed, {counts['failed']} failed, "
+                     f"{counts['skipped']} skipped")
+    if tests.get("interrupted_at_deadline"):
+        lines.append("- pytest was interrupted at the stage's deadline: the counts cover the tests that ran")
+    lines += [f"- first failures: {f}" for f in tests.get("failures", [])[:10]]
+    san = res.get("sanitizer", {})
+    lines += ["", "## compute-sanitizer", ""] + [f"- {k}: {v}" for k, v in san.items()]
+    lines += ["", "## Attention TFLOP/s (bench)", ""] + attention_table(res.get("bench", {}), env)
+    bench = res.get("bench", {})
+    if bench:
+        lines += ["", f"Bench families: {bench.get('families')}; autotuned kernels: {bench.get('autotuned', 0)} "
+                      f"(autotune.json); raw results: results.tar.gz "
+                      f"(`tar xzf results.tar.gz -C benchmarks/results` gives benchmarks/results/{bench.get('results_dir')}/)"]
+    return "\n".join(lines) + "\n"
+
+
+def attention_table(bench: dict, env: dict) -> list[str]:
+    rows = bench.get("attention_rows", [])
+    if not rows:
+        return ["(no attention results)"]
+    gemm = env.get("ceilings", {}).get("gemm_tflops")
+    flash = {(r["series"], r["x"], r["mode"]): r["tflops"] for r in rows if r["provider"] == "sdpa-flash"}
+    out = ["| series | N | mode | provider | TFLOP/s | vs sdpa-flash | vs GEMM ceiling |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["mode"] == "bwd":  # fwd and fwd+bwd here; the backward alone is in results.tar.gz
+            continue
+        ref = flash.get((r["series"], r["x"], r["mode"]))
+        vs_flash = f"{r['tflops'] / ref:.2f}" if ref else "-"
+        vs_gemm = f"{r['tflops'] / gemm:.2f}" if gemm else "-"
+        out.append(f"| {r['series']} | {r['x']} | {r['mode']} | {r['provider']} | {r['tflops']:.3g} | {vs_flash} | "
+                   f"{vs_gemm} |")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the stages (each runs as `python -m benchmarks.gpu_check --stage NAME`)
+# ------------------------------------------------------------------------------------------------
+
+
+def _sh(cmd: list[str], timeout: float = 30.0) -> str:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        return (done.stdout or done.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unavailable: {exc}"
+
+
+def _event_time_ms(fn, reps: int) -> float:
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _cpu_time_ms(fn, reps: int) -> float:
+    fn()
+    started = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - started) * 1e3 / reps
+
+
+def stage_env(args) -> dict:
+    import torch
+    import triton
+
+    gpu = torch.cuda.is_available() and not args.dry_run
+    stamp = {"gpu": torch.cuda.get_device_name() if gpu else "none (dry run)",
+             "driver": _sh(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if gpu else "-",
+             "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+             "nvcc": _sh(["nvcc", "--version"]).splitlines()[-1] if shutil.which("nvcc") else "not found",
+             "commit": _sh(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"]),
+             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if gpu:
+        stamp["arch"] = "{}.{}".format(*torch.cuda.get_device_capability())
+        src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        copy_ms = _event_time_ms(lambda: dst.copy_(src), 20)
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        gemm_ms = _event_time_ms(lambda: a @ b, 20)
+        ceilings = {"what": "CUDA events, 1 GiB copy, bf16 8192^3 GEMM", "n_copy": 2**30, "n_gemm": 8192}
+    else:  # stand-ins on the CPU with tiny sizes: the code path, not the figures
+        src = torch.empty(2**24, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        copy_ms = _cpu_time_ms(lambda: dst.copy_(src), 5)
+        a, b = torch.randn(256, 256), torch.randn(256, 256)
+        gemm_ms = _cpu_time_ms(lambda: a @ b, 5)
+        ceilings = {"what": "CPU stand-ins (16 MiB copy, fp32 256^3 GEMM), not GPU ceilings", "n_copy": 2**24,
+                    "n_gemm": 256}
+    ceilings["copy_gbps"] = 2 * ceilings["n_copy"] / (copy_ms * 1e-3) / 1e9
+    ceilings["gemm_tflops"] = 2 * ceilings["n_gemm"] ** 3 / (gemm_ms * 1e-3) / 1e12
+    return {"stamp": stamp, "ceilings": ceilings}
+
+
+def _arch() -> str:
+    env = Path(os.environ.get("GPU_CHECK_WORK", "")) / "env.json"
+    if env.is_file():
+        arch = json.loads(env.read_text()).get("stamp", {}).get("arch")
+        if arch:
+            return arch
+    return _sh(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"]).splitlines()[0]
+
+
+def stage_build(args) -> dict:
+    result = {}
+    if args.dry_run:
+        result["what"] = "dry run: build skipped, the installed extension checked"
+    else:
+        arch, jobs = _arch(), os.cpu_count() or 1
+        env = dict(os.environ, TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=str(jobs))
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."],
+                              cwd=REPO_ROOT, env=env)
+        result["what"] = (f"TORCH_CUDA_ARCH_LIST={arch} MAX_JOBS={jobs} pip install -e .: rc {done.returncode} in "
+                          f"{time.monotonic() - started:.0f} s")
+        result["build_s"], result["returncode"] = round(time.monotonic() - started, 1), done.returncode
+    probe = _sh([sys.executable, "-c", "import fastattn, json; print(json.dumps(fastattn.backends()))"], timeout=120)
+    try:
+        result["backends"] = json.loads(probe.splitlines()[-1])
+        result["cuda_backend"] = result["backends"].get("cuda")
+    except (ValueError, IndexError):
+        result["backends"], result["cuda_backend"] = probe[-500:], "import failed"
+    return result
+
+
+def junit_summary(path: Path) -> dict:
+    per_backend: dict[str, dict] = {}
+    failures = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = case.get("name", "")
+        params = name[name.find("[") + 1:-1].split("-") if "[" in name else []
+        backend = next((p for p in params if p in BACKENDS), "other")
+        counts = per_backend.setdefault(backend, {"passed": 0, "failed": 0, "skipped": 0})
+        if case.find("failure") is not None or case.find("error") is not None:
+            counts["failed"] += 1
+            failures.append(f"{case.get('classname')}::{name}")
+        elif case.find("skipped") is not None:
+            counts["skipped"] += 1
+        else:
+            counts["passed"] += 1
+    return {"per_backend": per_backend, "failures": failures}
+
+
+def pytest_command(selection: list[str], junit: Path | None, per_test_s: float) -> list[str]:
+    cmd = [sys.executable, "-m", "pytest", "-p", "benchmarks.pytest_timeout_plugin", "-p", "no:cacheprovider",
+           "-p", "no:xdist", "--per-test-timeout", str(per_test_s), "-q", "-rfE"]
+    return cmd + ([f"--junitxml={junit}"] if junit else []) + selection
+
+
+def stage_tests(args) -> dict:
+    junit = args.out / "junit.xml"
+    if args.dry_run:
+        selection = ["tests/test_attention.py", "-k", "dropout_fraction or empty", "-x"]
+    else:
+        selection = ["tests", "--gpu-or-files", ",".join(TEST_FILES)]
+    # Interrupted (SIGINT) before the stage's deadline, pytest still writes the junit XML of what ran.
+    budget = float(os.environ.get("GPU_CHECK_STAGE_BUDGET_S", "600"))
+    proc = subprocess.Popen(pytest_command(selection, junit, 60.0), cwd=REPO_ROOT)
+    interrupted = False
+    try:
+        proc.wait(timeout=max(5.0, budget - 20))
+    except subprocess.TimeoutExpired:
+        interrupted = True
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    result = {"returncode": proc.returncode, "interrupted_at_deadline": interrupted}
+    if junit.exists():
+        result.update(junit_summary(junit))
+    return result
+
+
+SANITIZER_SELECTION = ["tests/test_attention.py", "tests/test_softmax.py", "-k",
+                       "cuda and (causal_top_left or small_shapes or fully_masked)"]
+
+
+def stage_sanitizer(args) -> dict:
+    report = args.out / "sanitizer.txt"
+    version = _sh(["compute-sanitizer", "--version"])
+    if not shutil.which("compute-sanitizer") or "unavailable" in version or "NVIDIA" not in version:
+        atomic_write(report, f"compute-sanitizer unavailable: {version}\n")
+        return {"probe": f"unavailable: {version[-300:]}"}
+    result = {"probe": version.splitlines()[-1]}
+    if args.dry_run:
+        result["runs"] = "dry run: probe only"
+        atomic_write(report, f"{version}\n(dry run: probe only)\n")
+        return result
+    budget = float(os.environ.get("GPU_CHECK_STAGE_BUDGET_S", "120"))
+    with open(report, "w") as f:
+        f.write(version + "\n")
+        for tool in ("memcheck", "racecheck"):
+            cmd = ["compute-sanitizer", f"--tool={tool}", "--error-exitcode=99"]
+            cmd += pytest_command(SANITIZER_SELECTION, None, 120.0)
+            f.write(f"\n=== {' '.join(cmd)}\n")
+            f.flush()
+            try:
+                done = subprocess.run(cmd, cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=budget * 0.45)
+                result[tool] = "clean" if done.returncode == 0 else f"rc {done.returncode} (see sanitizer.txt)"
+            except subprocess.TimeoutExpired:
+                result[tool] = f"timeout after {budget * 0.45:.0f} s"
+    return result
+
+
+def describe_autotuner(tuner) -> dict:
+    """The chosen configs per key, and the timings and autotune time when this Triton keeps them."""
+    def config(c):
+        return {"kwargs": dict(getattr(c, "kwargs", {})), "num_warps": getattr(c, "num_warps", None),
+                "num_stages": getattr(c, "num_stages", None)}
+
+    out = {"chosen": {str(k): config(c) for k, c in dict(getattr(tuner, "cache", {}) or {}).items()}}
+    timings = getattr(tuner, "configs_timings", None)
+    if timings:
+        out["configs_timings"] = {str(config(c)): t for c, t in dict(timings).items()}
+    if getattr(tuner, "bench_time", None) is not None:
+        out["bench_time_s"] = tuner.bench_time
+    return out
+
+
+def stage_bench(args) -> dict:
+    """One family at a time (attention first), the autotune choices dumped after each, so a stage
+    killed at its deadline still leaves the families it finished."""
+    from benchmarks import FAMILIES, run
+
+    families = BENCH_FAMILIES.split(",")
+    assert set(families) <= set(FAMILIES)
+    argv = ["--no-progress", "--quiet", "--out", str(args.work / "results")]
+    if args.dry_run:
+        argv += ["--size", "tiny", "--device", "cpu", "--no-memory", "--no-plots", "--budget-scale", "0.1"]
+    else:
+        total = sum(run.family_module(f).BUDGET_S["cuda"] for f in families)
+        budget = float(os.environ.get("GPU_CHECK_STAGE_BUDGET_S", "200"))
+        argv += ["--no-plots", "--budget-scale", f"{0.75 * budget / total:.3f}"]
+    import fastattn.triton.attention as tri
+
+    errors, tuned = {}, {}
+    for family in families:
+        try:
+            run.main(["--only", family, *argv])
+        except Exception as exc:  # the next family still runs
+            errors[family] = f"{type(exc).__name__}: {exc}"
+        tuned = {str(key): describe_autotuner(t) for key, t in tri.tuned_kernels().items()}
+        atomic_write(args.out / "autotune.json", json.dumps(tuned, indent=1, default=str))
+    return {"autotuned": len(tuned), "errors": errors}
+
+
+def collect_bench(work: Path, out: Path) -> dict:
+    """Packs the bench results that exist (whatever the stage's end) and reads the attention rows."""
+    results = work / "results"
+    if not results.is_dir():
+        return {}
+    stamps = [json.loads(p.read_text()).get("stamp", {}) for p in sorted(results.glob("*.json"))]
+    # named as benchmarks/results/ names it: `tar xzf results.tar.gz -C benchmarks/results` puts it in place
+    slug = next((st["device_slug"] for st in stamps if st.get("device_slug")), "unknown-device")
+    with tarfile.open(out / ".results.tar.gz.tmp", "w:gz") as tar:
+        tar.add(results, arcname=slug)
+    os.replace(out / ".results.tar.gz.tmp", out / "results.tar.gz")
+    found = {"families": ",".join(sorted(p.stem for p in results.glob("*.json"))), "results_dir": slug}
+    if (results / "attention.json").is_file():
+        attention = json.loads((results / "attention.json").read_text())
+        found["attention_rows"] = [
+            {"series": r["series"], "x": r["x"], "mode": r["mode"], "provider": r["provider"], "tflops": r["metric"]}
+            for r in attention["results"] if r["status"] == "ok" and r.get("metric")]
+    return found
+
+
+STAGE_FUNCTIONS = {"env": stage_env, "build": stage_build, "tests": stage_tests, "sanitizer": stage_sanitizer,
+                   "bench": stage_bench}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="output directory (at most 8 files come back)")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="total seconds for all stages (default 480)")
+    parser.add_argument("--dry-run", action="store_true", help="every stage on the CPU with tiny sizes")
+    parser.add_argument("--stage", choices=list(STAGE_FUNCTIONS), help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.budget_s <= 0:
+        parser.error(f"--budget-s must be positive, got {args.budget_s}")
+    if args.stage is None:
+        return Harness(args).run()
+    os.environ["GPU_CHECK_WORK"] = str(args.work)
+    result = STAGE_FUNCTIONS[args.stage](args)
+    atomic_write(args.work / f"{args.stage}.json", json.dumps(result, indent=1, default=str))
+    failed = (args.stage == "tests" and result.get("returncode") != 0) or \
+             (args.stage == "build" and (result.get("returncode") or result.get("cuda_backend") == "import failed"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
