@@ -21,3 +21,14 @@ def empty(*shape, dtype, device) -> torch.Tensor:
 
 def empty_like(t: torch.Tensor, dtype=None) -> torch.Tensor:
     return empty(*t.shape, dtype=dtype or t.dtype, device=t.device)
+
+
+def seed_arg(seed: torch.Tensor | None, dropout_p: float, like: torch.Tensor) -> torch.Tensor:
+    """The Triton kernels' seed pointer: the one-element int64 seed tensor on the inputs' device,
+    which the kernels load only when dropping out (any tensor stands in for it otherwise: never read)."""
+    if dropout_p == 0.0:
+        return like
+    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != like.device:
+        desc = None if seed is None else f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}"
+        raise ValueError(f"seed must be a one-element int64 tensor on {like.device} when dropout_p > 0, got {desc}")
+    return seed

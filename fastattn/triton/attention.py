@@ -51,7 +51,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from fastattn.dispatch import Op
-from fastattn.utils import empty
+from fastattn.utils import empty, seed_arg
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -952,17 +952,6 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
 
 
-def _seed_arg(seed: torch.Tensor | None, dropout_p: float, like: torch.Tensor) -> torch.Tensor:
-    """The kernels' Seed pointer: the one-element int64 seed tensor on the inputs' device, which
-    the kernels load when DROPOUT (any tensor stands in for it without dropout: never read)."""
-    if dropout_p == 0.0:
-        return like
-    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != like.device:
-        desc = None if seed is None else f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}"
-        raise ValueError(f"seed must be a one-element int64 tensor on {like.device} when dropout_p > 0, got {desc}")
-    return seed
-
-
 def _mask_args(mask: torch.Tensor | None, like: torch.Tensor):
     """(kind, tensor, strides) for the kernels: kind 0 none, 1 bool, 2 additive float."""
     if mask is None:
@@ -1026,7 +1015,7 @@ def attention_fwd(
     wrap_triton(_tuned_for(kind, meta, q))[grid](
         q, k, v, mask_arg, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
-        heads_q, heads_q // heads_kv, n_q, n_k, scale * LOG2E, dropout_p, _seed_arg(seed, dropout_p, q),
+        heads_q, heads_q // heads_kv, n_q, n_k, scale * LOG2E, dropout_p, seed_arg(seed, dropout_p, q),
         length_bucket(n_q), length_bucket(n_k), **meta,
     )
     return out, lse
@@ -1063,7 +1052,7 @@ def attention_bwd(
     meta = _meta(q, k, v, mask_kind, is_causal, dropout_p, scale)
     group_size = heads_q // heads_kv
     buckets = (length_bucket(n_q), length_bucket(n_k))
-    seed_arg = _seed_arg(seed, dropout_p, q)
+    seed_ptr = seed_arg(seed, dropout_p, q)
 
     delta = empty(batch, heads_q, n_q, dtype=torch.float32, device=q.device)
     # the O and dO tiles of a block stay in registers: 8K elements each (ptxas spills fp32 d256 at 32K)
@@ -1077,13 +1066,13 @@ def attention_bwd(
         grid = lambda m: (triton.cdiv(n_k, m["BLOCK_N"]) * batch * heads_kv,)  # noqa: E731
         wrap_triton(_tuned_for("dkdv", meta, q))[grid](
             q, k, v, mask_arg, dout, lse, delta, dk, dv, *strides,
-            heads_q, heads_kv, group_size, n_q, n_k, scale, scale * LOG2E, dropout_p, seed_arg, *buckets, **meta,
+            heads_q, heads_kv, group_size, n_q, n_k, scale, scale * LOG2E, dropout_p, seed_ptr, *buckets, **meta,
         )
     if need_dq:
         grid = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]) * batch * heads_q,)  # noqa: E731
         wrap_triton(_tuned_for("dq", meta, q))[grid](
             q, k, v, mask_arg, dout, lse, delta, dq, *strides,
-            heads_q, group_size, n_q, n_k, scale, scale * LOG2E, dropout_p, seed_arg, *buckets, **meta,
+            heads_q, group_size, n_q, n_k, scale, scale * LOG2E, dropout_p, seed_ptr, *buckets, **meta,
         )
     return dq, dk, dv
 

@@ -43,7 +43,7 @@ from torch.library import triton_op, wrap_triton
 
 from fastattn.dispatch import Op
 from fastattn.reference import ACTIVATIONS, GATED_ACTIVATIONS
-from fastattn.utils import empty
+from fastattn.utils import empty, seed_arg
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -411,17 +411,6 @@ def _define_op(name: str):
     return triton_op(name, mutates_args=())
 
 
-def _seed_arg(seed: torch.Tensor | None, dropout_p: float, like: torch.Tensor) -> torch.Tensor:
-    """The kernels' seed pointer: the one-element int64 seed tensor on x's device, loaded by the
-    kernels under HAS_DROPOUT (any tensor stands in for it without dropout: never read)."""
-    if dropout_p == 0.0:
-        return like
-    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != like.device:
-        desc = None if seed is None else f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}"
-        raise ValueError(f"seed must be a one-element int64 tensor on {like.device} when dropout_p > 0, got {desc}")
-    return seed
-
-
 def _hidden(w1: torch.Tensor, activation: str) -> int:
     return w1.size(0) // 2 if activation in GATED_ACTIVATIONS else w1.size(0)
 
@@ -443,7 +432,7 @@ def ffn_fwd(
     a = empty(rows, hidden, dtype=x.dtype, device=x.device)
     wrap_triton(_ffn_up_fwd_kernel)[_grid(rows, hidden)](
         x, w1, b1 if b1 is not None else w1, a,
-        rows, depth, hidden, _m_bucket(rows), _seed_arg(seed, dropout_p, x), dropout_p,
+        rows, depth, hidden, _m_bucket(rows), seed_arg(seed, dropout_p, x), dropout_p,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), a.stride(0),
         HAS_BIAS=b1 is not None, **_kernel_flags(x, activation, dropout_p, rows, hidden),
     )  # fmt: skip
@@ -474,7 +463,7 @@ def ffn_bwd(
     dh = empty(rows, w1.size(0), dtype=x.dtype, device=x.device)
     wrap_triton(_ffn_up_bwd_kernel)[_grid(rows, hidden)](
         x, w1, b1 if b1 is not None else w1, dout, w2, a, dh,
-        rows, depth, hidden, width, _m_bucket(rows), _seed_arg(seed, dropout_p, x), dropout_p,
+        rows, depth, hidden, width, _m_bucket(rows), seed_arg(seed, dropout_p, x), dropout_p,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), dout.stride(0), dout.stride(1),
         w2.stride(0), w2.stride(1), a.stride(0), dh.stride(0),
         HAS_BIAS=b1 is not None, **_kernel_flags(x, activation, dropout_p, rows, hidden),
