@@ -823,12 +823,6 @@ def _shared_memory_limit() -> int:
     return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
 
 
-def _warps(tile_elements: int) -> int:
-    """8 warps once a program's largest fp32 tile (scores or accumulator) reaches 128x128
-    elements, 4 below: ptxas reports 255 registers and spills for a 128x128 score tile at 4 warps."""
-    return 8 if tile_elements >= 128 * 128 else 4
-
-
 def _stages(block_d: int) -> tuple[int, ...]:
     """Pipeline depths worth trying: deeper for small heads, 2 for 256-wide ones (at 1 stage the
     K/V tiles are loaded through registers, not cp.async, and every 256-wide tile spilled)."""
