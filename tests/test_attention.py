@@ -120,6 +120,25 @@ def test_head_dims_including_non_powers_of_two(backend, head_dim):
     check_against_oracle(backend, _qkv(1, 2, 2, n_q, n_k, head_dim, dtype=torch.float16), is_causal=True)
 
 
+def test_triton_forward_splits_non_power_of_two_head_dims():
+    """The forward computes 64 + 32 columns for d96 (two power-of-two pieces), not 128."""
+    pytest.importorskip("triton")
+    from fastattn.triton.attention import _head_pieces
+
+    assert {d: _head_pieces(d) for d in (16, 40, 64, 80, 96, 112, 128, 160, 192, 256)} == {
+        16: (16, 0), 40: (32, 16), 64: (64, 0), 80: (64, 16), 96: (64, 32), 112: (128, 0),
+        128: (128, 0), 160: (128, 32), 192: (128, 64), 256: (256, 0),
+    }
+
+
+@pytest.mark.parametrize("d, d_v", [(80, 96), (96, 40)])
+def test_triton_split_head_dims_with_masks_in_the_one_loop_form(triton_one_loop, d, d_v):
+    """Split heads (Q·K and P·V in two pieces each) in the ONE_LOOP form, with a key-padding mask
+    and a causal diagonal, against the oracle."""
+    mask = torch.rand(1, 1, 1, 37, device=DEVICE) > 0.3
+    check_against_oracle("triton", _qkv(1, 2, 2, 29, 37, d, d_v, dtype=torch.float16), attn_mask=mask, is_causal=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("d, d_v", [(40, 24), (16, 72)])
 def test_value_head_dim_differs(backend, d, d_v):

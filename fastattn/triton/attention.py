@@ -98,7 +98,8 @@ def _load_tile(
     TRANSPOSED: tl.constexpr,
 ):
     """Rows [start, start + ROWS) and columns [0, COLS) of a (n_rows, N_COLS) row-major matrix with
-    unit column stride, zero-padded; (ROWS, COLS), or (COLS, ROWS) when TRANSPOSED.
+    unit column stride, zero-padded; (ROWS, COLS), or (COLS, ROWS) when TRANSPOSED. COLS may be
+    below N_COLS (the first piece of a split head dim).
 
     The block start moves the base pointer in 64-bit arithmetic so that the per-element offsets
     stay small (32-bit) whatever the sequence length and row stride."""
@@ -113,12 +114,12 @@ def _load_tile(
         cols = cols[None, :]
     ptrs = base + rows * stride_row + cols
     if CHECK_ROWS:
-        if COLS != N_COLS:
+        if COLS > N_COLS:
             tile = tl.load(ptrs, mask=(rows < n_rows - start) & (cols < N_COLS), other=0.0)
         else:
             tile = tl.load(ptrs, mask=rows < n_rows - start, other=0.0)
     else:
-        if COLS != N_COLS:
+        if COLS > N_COLS:
             tile = tl.load(ptrs, mask=cols < N_COLS, other=0.0)
         else:
             tile = tl.load(ptrs)
@@ -188,9 +189,10 @@ def _mask_scores(
 
 @triton.jit
 def _fwd_block(
-    acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, start_n, bh, seed, dropout_p, qk_scale2, n_q, n_k,
-    stride_kn, stride_vn, stride_mm, stride_mn,
+    acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, start_m, start_n, bh, seed, dropout_p, qk_scale2,
+    n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     EDGE: tl.constexpr, SCALE_FIRST: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -200,13 +202,20 @@ def _fwd_block(
 
     Masks turn scores into -inf before the row max, so the scale folds into the exponent's argument
     (one FFMA per score: qk·scale - m); an additive mask or a scale <= 0 (SCALE_FIRST) needs the
-    scaled scores first (max(qk)·scale is not the max for a negative scale, -inf·0 is NaN)."""
+    scaled scores first (max(qk)·scale is not the max for a negative scale, -inf·0 is NaN).
+
+    A head dim that is not a power of two runs as two power-of-two pieces (BLOCK_D2/BLOCK_DV2 > 0:
+    q2, acc2 hold columns [BLOCK_D, HEAD_DIM) and [BLOCK_DV, HEAD_DIM_V)), so d96 computes 64 + 32
+    columns, not 128; with BLOCK_D2/BLOCK_DV2 = 0, q2/acc2 are unused scalars."""
     q_local = tl.arange(0, BLOCK_M)[:, None]
     q_idx = start_m + q_local
     k_local = tl.arange(0, BLOCK_N)[None, :]
     k_idx = start_n + k_local
     k_t = _load_tile(k_base, start_n, stride_kn, n_k, BLOCK_N, BLOCK_D, HEAD_DIM, EDGE, True)
     qk = _dot(q, k_t, UPCAST_DOT, DOT_PRECISION)
+    if BLOCK_D2 > 0:
+        k2_t = _load_tile(k_base + BLOCK_D, start_n, stride_kn, n_k, BLOCK_N, BLOCK_D2, HEAD_DIM - BLOCK_D, EDGE, True)
+        qk = _dot_acc(q2, k2_t, qk, UPCAST_DOT, DOT_PRECISION)
     if SCALE_FIRST:
         qk = qk * qk_scale2
     qk = _mask_scores(
@@ -234,7 +243,10 @@ def _fwd_block(
         p = tl.where(_dropout_keep(seed, bh, q_idx, k_idx, dropout_p), p, 0.0)
     v = _load_tile(v_base, start_n, stride_vn, n_k, BLOCK_N, BLOCK_DV, HEAD_DIM_V, EDGE, False)
     acc = _dot_acc(p.to(v.dtype), v, acc, UPCAST_DOT, DOT_PRECISION)
-    return acc, l_i, m_new
+    if BLOCK_DV2 > 0:
+        v2 = _load_tile(v_base + BLOCK_DV, start_n, stride_vn, n_k, BLOCK_N, BLOCK_DV2, HEAD_DIM_V - BLOCK_DV, EDGE, False)
+        acc2 = _dot_acc(p.to(v2.dtype), v2, acc2 * alpha[:, None], UPCAST_DOT, DOT_PRECISION)
+    return acc, acc2, l_i, m_new
 
 
 @triton.jit
@@ -249,9 +261,10 @@ def _edge_start(start_m, n_k, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
 
 @triton.jit
 def _fwd_key_blocks(
-    acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, bh, seed, dropout_p, qk_scale2, n_q, n_k,
+    acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, start_m, bh, seed, dropout_p, qk_scale2, n_q, n_k,
     stride_kn, stride_vn, stride_mm, stride_mn,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_K: tl.constexpr, SCALE_FIRST: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ONE_LOOP: tl.constexpr,
@@ -270,34 +283,42 @@ def _fwd_key_blocks(
         end = tl.minimum(start_m + BLOCK_M, n_k) if IS_CAUSAL else n_k
         for start_n in range(0, end, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, start_n, bh, seed,
+            acc, acc2, l_i, m_i = _fwd_block(
+                acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, start_m, start_n, bh, seed,
                 dropout_p, qk_scale2, n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_D2, BLOCK_DV2, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
                 IS_CAUSAL or not EVEN_K, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
             )
-        return acc, l_i, m_i
+        return acc, acc2, l_i, m_i
     if IS_CAUSAL or not EVEN_K:
         first_edge = _edge_start(start_m, n_k, BLOCK_N, IS_CAUSAL)
         # the diagonal spans ceil(BLOCK_M / BLOCK_N) key blocks (one when not causal: the ragged end)
         for i in tl.static_range((BLOCK_M + BLOCK_N - 1) // BLOCK_N if IS_CAUSAL else 1):
-            acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, first_edge + i * BLOCK_N, bh, seed,
+            acc, acc2, l_i, m_i = _fwd_block(
+                acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, start_m, first_edge + i * BLOCK_N, bh, seed,
                 dropout_p, qk_scale2, n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_D2, BLOCK_DV2, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
                 True, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
             )
     else:
         first_edge = n_k
     for start_n in range(0, first_edge, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, start_n, bh, seed,
+        acc, acc2, l_i, m_i = _fwd_block(
+            acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, start_m, start_n, bh, seed,
             dropout_p, qk_scale2, n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_D2, BLOCK_DV2, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
             False, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
         )
-    return acc, l_i, m_i
+    return acc, acc2, l_i, m_i
+
+
+@triton.jit
+def _store_rows(base, tile, rows, n_rows, stride_row, COLS: tl.constexpr, N_COLS: tl.constexpr):
+    """tile (rows, COLS) into columns [0, N_COLS) of the rows below n_rows, in the output's dtype."""
+    cols = tl.arange(0, COLS)
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS))
 
 
 @triton.jit(do_not_specialize=["n_q_bucket", "n_k_bucket"])
@@ -347,6 +368,8 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ONE_LOOP: tl.constexpr = False,
+    BLOCK_D2: tl.constexpr = 0,
+    BLOCK_DV2: tl.constexpr = 0,
 ):
     # n_q_bucket/n_k_bucket: unused by the code, they are the autotuning key (see _tuned).
     # 1-D grid, query blocks fastest: neighbouring programs share one head's K/V in L2, and the grid
@@ -371,28 +394,35 @@ def _attn_fwd_kernel(
     mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
 
     q = _load_tile(q_base, start_m, stride_qm, n_q, BLOCK_M, BLOCK_D, HEAD_DIM, True, False)
+    q2 = 0.0
+    if BLOCK_D2 > 0:
+        q2 = _load_tile(q_base + BLOCK_D, start_m, stride_qm, n_q, BLOCK_M, BLOCK_D2, HEAD_DIM - BLOCK_D, True, False)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc2 = 0.0
+    if BLOCK_DV2 > 0:
+        acc2 = tl.zeros([BLOCK_M, BLOCK_DV2], dtype=tl.float32)
 
-    acc, l_i, m_i = _fwd_key_blocks(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, bh, seed, dropout_p, qk_scale2, n_q, n_k,
+    acc, acc2, l_i, m_i = _fwd_key_blocks(
+        acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, start_m, bh, seed, dropout_p, qk_scale2, n_q, n_k,
         stride_kn, stride_vn, stride_mm, stride_mn,
-        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
+        HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_D2, BLOCK_DV2, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
         EVEN_K, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION, ONE_LOOP,
     )
 
     # fully masked rows: l = 0, acc = 0 -> output 0 and lse = +inf
     empty_row = l_i == 0.0
-    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    inv_l = 1.0 / tl.where(empty_row, 1.0, l_i)
     if DROPOUT:
-        out = out * (1.0 / (1.0 - dropout_p))
+        inv_l = inv_l * (1.0 / (1.0 - dropout_p))
     lse = tl.where(empty_row, float("inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
 
     rows = start_m + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_DV)
-    out_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows[:, None] * stride_om + cols[None, :]
-    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=(rows[:, None] < n_q) & (cols[None, :] < HEAD_DIM_V))
+    out_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    _store_rows(out_base, acc * inv_l[:, None], rows, n_q, stride_om, BLOCK_DV, HEAD_DIM_V)
+    if BLOCK_DV2 > 0:
+        _store_rows(out_base + BLOCK_DV, acc2 * inv_l[:, None], rows, n_q, stride_om, BLOCK_DV2, HEAD_DIM_V - BLOCK_DV)
     tl.store(Lse + bh.to(tl.int64) * n_q + rows, lse, mask=rows < n_q)
 
 
@@ -1026,6 +1056,18 @@ def _block_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _head_pieces(d: int) -> tuple[int, int]:
+    """The forward's head-dim pieces (first, second): two powers of two when they cover d with
+    fewer columns than the next power of two (80 = 64 + 16, 96 = 64 + 32, 160 = 128 + 32,
+    192 = 128 + 64), else (next power of two, 0). tl.arange and tl.dot need power-of-two sizes."""
+    padded = _block_dim(d)
+    first = max(16, 1 << (d.bit_length() - 1))
+    if first >= d:
+        return padded, 0
+    second = _block_dim(d - first)
+    return (first, second) if first + second < padded else (padded, 0)
+
+
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """The kernels read rows with unit column stride; any other layout is kept as is."""
     return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
@@ -1061,7 +1103,9 @@ def _meta(q, k, v, mask_kind, is_causal, dropout_p, scale):
 
 
 def _tuned_for(kind, meta, q):
-    args = (kind, meta["BLOCK_D"], meta["BLOCK_DV"], meta["IS_CAUSAL"], q.element_size())
+    # the tile lists and shared-memory bounds see the columns computed (both pieces of a split head)
+    block_d, block_dv = meta["BLOCK_D"] + meta.get("BLOCK_D2", 0), meta["BLOCK_DV"] + meta.get("BLOCK_DV2", 0)
+    args = (kind, block_d, block_dv, meta["IS_CAUSAL"], q.element_size())
     _launched.add(args)
     return _tuned(*args)
 
@@ -1089,6 +1133,9 @@ def attention_fwd(
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
     meta = _meta(q, k, v, mask_kind, is_causal, dropout_p, scale)
+    # the forward splits a non-power-of-two head dim into two pieces (the backward pads it)
+    meta["BLOCK_D"], meta["BLOCK_D2"] = _head_pieces(meta["HEAD_DIM"])
+    meta["BLOCK_DV"], meta["BLOCK_DV2"] = _head_pieces(meta["HEAD_DIM_V"])
     kind = "decode" if isinstance(n_q, int) and n_q <= DECODE_MAX_QUERIES else "fwd"
     grid = lambda m: (triton.cdiv(n_q, m["BLOCK_M"]) * batch * heads_q,)  # noqa: E731
     wrap_triton(_tuned_for(kind, meta, q))[grid](
