@@ -15,6 +15,8 @@ type torch raises in the same situation, so code written against torch's modules
 - ``TypeAssertionError(TypeError, AssertionError)``: MultiheadAttention masks that are neither
   bool nor floating (torch: AssertionError) and nested inputs (torch: AssertionError outside its
   fast path).
+- ``NotScriptableError(RuntimeError)``: ``torch.jit.script`` of a fastattn.nn module (TorchScript
+  cannot compile the Python dispatch; torch.compile and torch.export work).
 - ``DoubleBackwardError(RuntimeError)``: a second derivative (``create_graph=True``) through a
   fused kernel whose backward is not itself differentiable; torch's fused attention kernels raise
   RuntimeError the same way. fastattn never returns a silent zero or None instead.
@@ -29,6 +31,7 @@ __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
     "DoubleBackwardError",
+    "NotScriptableError",
     "ShapeAssertionError",
     "TypeAssertionError",
 ]
@@ -54,3 +57,7 @@ class TypeAssertionError(TypeError, AssertionError):
 
 class DoubleBackwardError(RuntimeError):
     """A backward run with ``create_graph=True`` through a kernel that has no double backward."""
+
+
+class NotScriptableError(RuntimeError):
+    """torch.jit.script of a fastattn.nn module: use torch.compile or torch.export instead."""
