@@ -109,11 +109,26 @@ def test_sdpa_refuses_other_tensor_subclasses_and_accepts_parameters():
     )
 
 
-def test_sdpa_compiled_with_plain_mask_still_works():
+def test_sdpa_compiled_with_plain_mask_and_causal_bias():
+    """torch.compile passes FakeTensor/FunctionalTensor masks: still accepted; CausalBias too."""
     q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
     mask = torch.randn(4, 6)
     compiled = torch.compile(fastattn.scaled_dot_product_attention, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v, mask), reference.attention(q, k, v, attn_mask=mask))
+    torch.testing.assert_close(compiled(q, k, v, causal_upper_left(4, 6)), reference.attention(q, k, v, is_causal=True))
+    torch.testing.assert_close(
+        compiled(q, k, v, causal_lower_right(4, 6)),
+        reference.attention(q, k, v, attn_mask=_keep_mask(4, 6, "lower_right")),
+    )
+
+
+def test_encoder_with_causal_bias_mask_matches_the_causal_hint():
+    encoder = fnn.TransformerEncoder(
+        fnn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 1, enable_nested_tensor=False
+    )
+    x = torch.randn(2, 5, 16)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(5)
+    torch.testing.assert_close(encoder(x, mask=causal_upper_left(5, 5)), encoder(x, mask=causal, is_causal=True))
 
 
 @pytest.mark.parametrize("need_weights", [False, True])

@@ -14,6 +14,11 @@ Two paths, as in torch:
 
 Differences from torch, both deliberate: a query row whose keys are all masked gives zeros (torch
 gives NaN), and there is no nested-tensor fast path (pad and pass ``key_padding_mask``).
+
+Also accepted: ``torch.nn.attention.bias.causal_upper_left`` / ``causal_lower_right`` as attn_mask.
+Errors are fastattn.errors types, catchable as torch's (AssertionError for the shape checks,
+RuntimeError for the rest) and as the ValueError/TypeError fastattn raised before. Not scriptable
+with torch.jit.script (NotScriptableError); torch.compile and torch.export work.
 """
 
 from __future__ import annotations
