@@ -174,7 +174,10 @@ def _resolve_attn_mask(name, mask, is_causal, n_q, n_k, device):
         check_plain_mask(name, mask)
         return mask, is_causal
     if is_causal:
-        raise ArgumentError(f"{name} is a CausalBias and is_causal=True; pass only one of them (torch raises too)")
+        raise ArgumentError(
+            f"{name} is a CausalBias and is_causal=True; CausalBias should not be used with causal=True: "
+            "pass only one of them"
+        )
     if (mask.seq_len_q, mask.seq_len_kv) != (n_q, n_k):
         raise ArgumentError(
             f"{name} is a CausalBias for (seq_len_q, seq_len_kv) = ({mask.seq_len_q}, {mask.seq_len_kv}) "

@@ -246,7 +246,10 @@ def _resolve_causal_bias(attn_mask, is_causal, tgt_len: int, src_len: int, devic
         functional.check_plain_mask("attn_mask", attn_mask)
         return attn_mask, is_causal
     if is_causal:
-        raise ArgumentError("attn_mask is a CausalBias and is_causal=True; pass only one of them")
+        raise ArgumentError(
+            "attn_mask is a CausalBias and is_causal=True; CausalBias should not be used with causal=True: "
+            "pass only one of them"
+        )
     if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (tgt_len, src_len):
         raise ArgumentError(
             f"attn_mask is a CausalBias for (seq_len_q, seq_len_kv) = ({attn_mask.seq_len_q}, "
