@@ -334,23 +334,31 @@ def test_jit_script_raises_a_clear_error(name):
         torch.jit.script(module)
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 @pytest.mark.parametrize("name", ["mha", "encoder_layer"])
-def test_torch_export_runs_the_module(name):
+def test_torch_export_runs_the_module(name, strict):
+    """Exported with masks as inputs: they reach fastattn as FakeTensor / FunctionalTensor."""
     module = _modules()[name].eval()
-    x = torch.randn(2, 5, 16)
 
     class Wrapper(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.inner = module
 
-        def forward(self, x):
-            return _call(name, self.inner, x)
+        def forward(self, x, padding, mask):
+            if name == "mha":
+                return self.inner(x, x, x, key_padding_mask=padding, attn_mask=mask, need_weights=False)[0]
+            return self.inner(x, src_mask=mask, src_key_padding_mask=padding)
+
+    def inputs():
+        padding = torch.zeros(2, 5, dtype=torch.bool)
+        padding[1, 3:] = True
+        return torch.randn(2, 5, 16), padding, torch.randn(5, 5)
 
     with torch.no_grad():
-        exported = torch.export.export(Wrapper(), (x,))
-        y = torch.randn(2, 5, 16)
-        torch.testing.assert_close(exported.module()(y), _call(name, module, y), atol=1e-5, rtol=1e-5)
+        exported = torch.export.export(Wrapper(), inputs(), strict=strict)
+        args = inputs()
+        torch.testing.assert_close(exported.module()(*args), Wrapper()(*args), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["mha", "encoder_layer"])
