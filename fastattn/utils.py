@@ -44,9 +44,12 @@ class _NoDoubleBackward(torch.autograd.Function):
     on, so that differentiating them (a second derivative) reaches ``backward`` and raises."""
 
     @staticmethod
-    def forward(ctx, op: str, n_grads: int, *tensors):
-        ctx.op = op
+    def forward(op: str, n_grads: int, *tensors):
         return tuple(t.clone() for t in tensors[:n_grads])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # the separate form torch.func transforms require
+        ctx.op = inputs[0]
 
     @staticmethod
     def backward(ctx, *_):
