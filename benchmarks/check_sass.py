@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import datetime
 import heapq
+import inspect
 import json
 import math
 import os
@@ -132,7 +133,10 @@ def signature_of(kernel, launch: Launch, config: dict):
     """(signature, constexprs, attrs) for triton.compile, as the runtime would specialise the launch:
     pointers and integers divisible by 16 get the divisibility hint, bools are i1, floats fp32."""
     fn = _jit_fn(kernel)
-    values = dict(zip(fn.arg_names, launch.args))
+    # parameters with defaults the launch leaves out (e.g. ONE_LOOP) take their defaults
+    params = inspect.signature(fn.fn).parameters
+    values = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+    values.update(zip(fn.arg_names, launch.args))
     values.update({k: v for k, v in launch.kwargs.items() if k in fn.arg_names})
     values.update({k: v for k, v in config.items() if k in fn.arg_names})
     constexpr_names = {fn.arg_names[i] for i in fn.constexprs}
@@ -184,7 +188,7 @@ class Job:
 
 def _config_label(kwargs: dict, warps: int, stages: int) -> str:
     blocks = "x".join(str(v) for k, v in kwargs.items() if k.startswith("BLOCK"))
-    return f"{blocks} w{warps} s{stages}"
+    return f"{blocks} w{warps} s{stages}" + (" 1loop" if kwargs.get("ONE_LOOP") else "")
 
 
 def _jobs_for(family, launch, case, configs, target, loop=False):
@@ -228,11 +232,13 @@ def _attention_configs(A, kind, d, causal, dtype, target):
     """The autotune list the runtime keeps on ``target``, plus the fixed config (FASTATTN_AUTOTUNE=0)."""
     bd = A._block_dim(d)
     elem = torch.empty(0, dtype=dtype).element_size()
-    as_kwargs = lambda c: ({"BLOCK_M": c[0], "BLOCK_N": c[1]}, c[2], c[3])  # noqa: E731
+    as_kwargs = lambda c: (A.triton_config(kind, c).kwargs, c.warps, c.stages)  # noqa: E731
     if kind == "decode":
-        return [(*as_kwargs(A._DECODE_CONFIG), "decode")]
-    tuned = A._kernel_configs(kind, bd, bd, causal, elem, autotune=True, smem_limit=target.block_smem)
-    fixed = A._kernel_configs(kind, bd, bd, causal, elem, autotune=False, smem_limit=target.block_smem)
+        decode = A._kernel_configs("decode", bd, bd, causal, elem, capability=target.capability)
+        return [(*as_kwargs(c), "decode") for c in decode]
+    shared = dict(smem_limit=target.block_smem, capability=target.capability)
+    tuned = A._kernel_configs(kind, bd, bd, causal, elem, autotune=True, **shared)
+    fixed = A._kernel_configs(kind, bd, bd, causal, elem, autotune=False, **shared)
     out = [(*as_kwargs(c), "autotune") for c in tuned]
     return out + [(*as_kwargs(c), "fixed") for c in fixed if c not in tuned]
 
@@ -293,7 +299,7 @@ def ffn_jobs(target: Target, quick: bool = False) -> list[Job]:
                 named = {**dict(zip(fn.arg_names, launch.args)), **launch.kwargs}
                 configs = [triton.Config({"BLOCK_M": m, "BLOCK_H": h, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w,
                                          num_stages=s) for m, h, k, w, s in tiles]
-                kept = F._prune(configs, named, accumulators, shared_memory=target.block_smem)
+                kept = F._prune(configs, named, accumulators, shared_memory=target.block_smem, capability=target.capability)
                 case = f"{_DTYPES[dtype]} {activation} 4096x1024x4096"
                 jobs += _jobs_for("ffn", launch, case,
                                   [(c.kwargs, c.num_warps, c.num_stages, "autotune") for c in kept], target)

@@ -465,6 +465,36 @@ def test_triton_lse_is_the_natural_log_sum_exp():
     torch.testing.assert_close(lse.double(), scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture
+def triton_one_loop(monkeypatch):
+    """The triton backend with every forward/dQ config switched to ONE_LOOP (the single masked loop
+    the wide-head and float32 tiles run), one config per kernel; the kernel cache is rebuilt."""
+    if fastattn.backends()["triton"] is not None:
+        pytest.skip(f"triton: {fastattn.backends()['triton']}")
+    from fastattn.triton import attention as A
+
+    configs = A._kernel_configs
+    monkeypatch.setattr(A, "_kernel_configs", lambda *a, **kw: [c._replace(one_loop=True) for c in configs(*a, **kw)][:1])
+    A._tuned.cache_clear()
+    yield
+    A._tuned.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("n_q, n_k, is_causal", [(45, 45, True), (61, 29, True), (29, 61, True), (40, 64, False), (37, 53, False)])
+def test_triton_one_loop_form(triton_one_loop, dtype, n_q, n_k, is_causal):
+    """The ONE_LOOP form of the forward and dQ kernels: causal diagonals, ragged ends, fully
+    masked rows (n_q > n_k causal) and a key-padding mask, against the oracle."""
+    mask = torch.ones(2, 1, 1, n_k, dtype=torch.bool, device=DEVICE)
+    mask[1, ..., n_k // 3:] = False
+    check_against_oracle("triton", _qkv(2, 2, 1, n_q, n_k, 32, dtype=dtype), attn_mask=mask,
+                         is_causal=is_causal, enable_gqa=True)
+    from fastattn.triton import attention as A
+
+    forms = {kind: [c.kwargs.get("ONE_LOOP") for c in tuner.configs] for (kind, *_), tuner in A.tuned_kernels().items()}
+    assert forms["fwd"] == [True] and forms["dq"] == [True], forms
+
+
 # --------------------------------------------------------------------------------------------
 # torch.compile
 # --------------------------------------------------------------------------------------------

@@ -128,9 +128,9 @@ def test_decode_shaped_calls_run_one_fixed_config(monkeypatch):
     monkeypatch.setattr(A, "_INTERPRETING", False)
     assert A._kernel_configs("decode", 128, 128, False, 2, smem_limit=227 * 1024) == [A._DECODE_CONFIG]
     tuned = A._kernel_configs("fwd", 128, 128, False, 2, autotune=True, smem_limit=227 * 1024)
-    assert (128, 128, 8, 3) in tuned and len(tuned) > 1
+    assert A.LaunchConfig(128, 128, 8, 3) in tuned and len(tuned) > 1
     # the A100's 163 KiB cannot hold its three stages (224 KiB of tiles): pruned there
-    assert (128, 128, 8, 3) not in A._kernel_configs("fwd", 128, 128, False, 2, autotune=True, smem_limit=163 * 1024)
+    assert A.LaunchConfig(128, 128, 8, 3) not in A._kernel_configs("fwd", 128, 128, False, 2, autotune=True, smem_limit=163 * 1024)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the interpreter's launches; the GPU test above counts real tunings")

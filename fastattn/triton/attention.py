@@ -44,6 +44,7 @@ Conventions and details:
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -253,7 +254,7 @@ def _fwd_key_blocks(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_K: tl.constexpr, SCALE_FIRST: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ONE_LOOP: tl.constexpr,
 ):
     """Online-softmax accumulation over every key block the query rows can see.
 
@@ -262,6 +263,20 @@ def _fwd_key_blocks(
     masked blocks in a second loop, that loop's first wgmma took its accumulator either from the
     first loop's wgmma or from its zero-trip path, and ptxas serialised every wgmma of the kernel
     (C7515); a runtime branch inside one loop avoids that but crashes Triton 3.6's pipeliner."""
+    if ONE_LOOP:
+        # One loop over every visible block, each with the element masks: for tiles whose unrolled
+        # prologue spills (wide heads, float32 without tensor cores, some sm_80 dQ tiles; see
+        # _candidates). The masks cost a select per score; the dots dominate at those widths.
+        end = tl.minimum(start_m + BLOCK_M, n_k) if IS_CAUSAL else n_k
+        for start_n in range(0, end, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, start_n, bh, seed,
+                dropout_p, qk_scale2, n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
+                IS_CAUSAL or not EVEN_K, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
+            )
+        return acc, l_i, m_i
     if IS_CAUSAL or not EVEN_K:
         first_edge = _edge_start(start_m, n_k, BLOCK_N, IS_CAUSAL)
         # the diagonal spans ceil(BLOCK_M / BLOCK_N) key blocks (one when not causal: the ragged end)
@@ -331,6 +346,7 @@ def _attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ONE_LOOP: tl.constexpr = False,
 ):
     # n_q_bucket/n_k_bucket: unused by the code, they are the autotuning key (see _tuned).
     # 1-D grid, query blocks fastest: neighbouring programs share one head's K/V in L2, and the grid
@@ -363,7 +379,7 @@ def _attn_fwd_kernel(
         acc, l_i, m_i, q, k_base, v_base, mask_base, start_m, bh, seed, dropout_p, qk_scale2, n_q, n_k,
         stride_kn, stride_vn, stride_mm, stride_mn,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
-        EVEN_K, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
+        EVEN_K, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION, ONE_LOOP,
     )
 
     # fully masked rows: l = 0, acc = 0 -> output 0 and lse = +inf
@@ -638,10 +654,24 @@ def _dq_key_blocks(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_K: tl.constexpr, SCALE_FIRST: tl.constexpr, IS_CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ONE_LOOP: tl.constexpr,
 ):
     """dQ accumulation of query rows [start_m, start_m + BLOCK_M) over the key blocks they see: the
     masked blocks first, unrolled, then one loop over the unmasked ones (see _fwd_key_blocks)."""
+    if ONE_LOOP:
+        # One loop over every visible block, each with the element masks: for tiles whose unrolled
+        # prologue spills (wide heads, float32 without tensor cores, some sm_80 dQ tiles; see
+        # _candidates). The masks cost a select per score; the dots dominate at those widths.
+        end = tl.minimum(start_m + BLOCK_M, n_k) if IS_CAUSAL else n_k
+        for start_n in range(0, end, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            dq = _dq_block(
+                dq, q, do, lse2, delta, k_base, v_base, mask_base, start_m, start_n, bh, seed,
+                dropout_p, qk_scale2, n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
+                IS_CAUSAL or not EVEN_K, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
+            )
+        return dq
     if IS_CAUSAL or not EVEN_K:
         first_edge = _edge_start(start_m, n_k, BLOCK_N, IS_CAUSAL)
         for i in tl.static_range((BLOCK_M + BLOCK_N - 1) // BLOCK_N if IS_CAUSAL else 1):
@@ -713,6 +743,7 @@ def _attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ONE_LOOP: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     seed = 0
@@ -749,7 +780,7 @@ def _attn_bwd_dq_kernel(
         dq, q, do, lse2, delta, k_base, v_base, mask_base, start_m, bh, seed, dropout_p, qk_scale2, n_q, n_k,
         stride_kn, stride_vn, stride_mm, stride_mn,
         HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
-        EVEN_K, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
+        EVEN_K, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION, ONE_LOOP,
     )
 
     # dQ is written contiguous (B, Hq, Nq, D)
@@ -792,86 +823,127 @@ def _shared_memory_limit() -> int:
     return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
 
 
-def _warps(tile_elements: int) -> int:
-    """8 warps once a program's largest fp32 tile (scores or accumulator) reaches 128x128
-    elements, 4 below: ptxas reports 255 registers and spills for a 128x128 score tile at 4 warps."""
-    return 8 if tile_elements >= 128 * 128 else 4
-
-
 def _stages(block_d: int) -> tuple[int, ...]:
-    """Pipeline depths worth trying: deeper for small heads, shallow for 256-wide ones."""
+    """Pipeline depths worth trying: deeper for small heads, 2 for 256-wide ones (at 1 stage the
+    K/V tiles are loaded through registers, not cp.async, and every 256-wide tile spilled)."""
     if block_d <= 64:
         return (2, 3, 4)
     if block_d <= 128:
         return (2, 3)
-    return (1, 2)
+    return (2,)
 
 
-def _candidates(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_bytes: int, smem_limit: int | None = None):
-    """(BLOCK_M, BLOCK_N, warps, stages) tuples for A100/H100, pruned by head dim and causal.
-
-    The lists come from compiling every candidate for sm_80 and sm_90a with Triton 3.6 and 3.9 and
-    reading ptxas' report (``make check-sass``, table in benchmarks/results/static/): blocks that
-    spill at a head width are left out. Shared memory: a candidate is dropped here only when its
-    pipelined tiles alone exceed the device's limit (``smem_limit``, default the current GPU's), a
-    lower bound of what it needs; whether one that passes fits is decided by its compiled size (Triton
-    raises OutOfResources for a compiled kernel over the limit, and the autotuner skips it).
-    d128 128x128 at 3 stages compiles to 224 KiB and fits the H100/H200's 227 KiB, so an estimate
-    with a safety margin (as here before) wrongly dropped the tutorial's best configuration.
-    Which of the rest is fastest is the autotuner's call."""
-    if elem_bytes == 4:
-        return _fp32_candidates(kind, max(block_d, block_dv))
-    wide = max(block_d, block_dv) > 128
-    if kind == "fwd":
-        blocks = [(128, 128), (128, 64), (128, 32), (64, 64), (64, 32)]
-        if wide:  # 256-wide heads: the K/V tiles and the accumulator must stay small
-            blocks = [(128, 64), (128, 32), (64, 64), (64, 32)]
-    elif kind == "dkdv":  # (BLOCK_M, BLOCK_N): keys resident, queries streamed
-        # 64-row query tiles spill (dK, dV, K and V all stay resident)
-        blocks = [(32, 128), (32, 64), (16, 128)]
-        if wide:
-            blocks = [(32, 32), (16, 32)]
-    else:  # dq: queries resident, keys streamed
-        blocks = [(128, 64), (128, 32), (64, 64), (64, 32)]
-        if wide:
-            blocks = [(64, 64), (64, 32), (32, 32)]
-    limit = _shared_memory_limit() if smem_limit is None else smem_limit
-    out = []
-    for block_m, block_n in blocks:
-        qk_v = block_d + block_dv
-        if kind == "fwd":  # Q resident, K/V streamed, O accumulated
-            resident, streamed, acc = block_m * block_d, block_n * qk_v, block_m * block_dv
-        elif kind == "dkdv":  # K/V resident, Q/dO streamed, dK/dV accumulated
-            resident, streamed, acc = block_n * qk_v, block_m * qk_v, block_n * qk_v
-        else:  # Q/dO resident, K/V streamed, dQ accumulated
-            resident, streamed, acc = block_m * qk_v, block_n * qk_v, block_m * block_d
-        warps = 8 if wide else _warps(max(acc, block_m * block_n))
-        # causal forward/dQ: the unrolled diagonal blocks before the loop hold one more K/V tile
-        prologue = 1 if is_causal and kind != "dkdv" else 0
-        for stages in _stages(max(block_d, block_dv)):
-            # Triton's pipeliner keeps stages - 1 tiles in flight next to the one being consumed
-            if limit and (resident + (stages + prologue) * streamed) * elem_bytes > limit:
-                continue
-            out.append((block_m, block_n, warps, stages))
-    return out
+class LaunchConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    one_loop: bool = False  # ONE_LOOP: no unrolled masked prologue (see _fwd_key_blocks)
 
 
-# float32 (IEEE dots on CUDA cores, operands in registers): the spill-free tiles of a sweep compiled for
-# sm_90a with Triton 3.9 (BLOCK_M, BLOCK_N, warps), all at 2 stages (1 stage spilled more often), by
-# head width up to 64, 128 and 256. The 16-bit lists above spill at every fp32 size past d64.
+# 16-bit inputs (tensor cores): (BLOCK_M, BLOCK_N, warps, ONE_LOOP[, stages]) per (architecture, kind,
+# head width, causal), the spill-free tiles of `make check-sass` sweeps compiled with Triton 3.6 and
+# 3.9 (benchmarks/NOTES.md). Hopper's wgmma keeps operands in shared memory; sm_80's mma.sync holds
+# them in registers, so its lists are narrower. Causal 128-row tiles take 8 warps (at 4 the unrolled
+# diagonal spilled); 256-wide heads and some sm_80 dQ tiles run ONE_LOOP (the prologue spilled).
+_F, _T = False, True
+_BLOCKS_16BIT = {
+    (90, "fwd", 64, _F): [(128, 128, 8, _F), (128, 64, 4, _F), (128, 32, 4, _F), (64, 64, 4, _F), (64, 32, 4, _F)],
+    (90, "fwd", 64, _T): [(128, 128, 8, _F), (128, 64, 8, _F), (128, 32, 4, _F), (64, 64, 4, _F), (64, 32, 4, _F)],
+    (90, "fwd", 128, _F): [(128, 128, 8, _F), (128, 64, 8, _F), (128, 32, 8, _F), (64, 64, 4, _F), (64, 32, 4, _F)],
+    (90, "fwd", 128, _T): [(128, 128, 8, _F), (128, 64, 8, _F), (128, 32, 8, _F), (64, 64, 4, _F), (64, 32, 4, _F)],
+    (90, "fwd", 256, _F): [(128, 64, 8, _T), (128, 32, 8, _T), (64, 64, 8, _T), (64, 32, 8, _T)],
+    (90, "fwd", 256, _T): [(128, 64, 8, _T), (128, 32, 8, _T), (64, 64, 8, _T), (64, 32, 8, _T)],
+    (90, "dkdv", 64, None): [(32, 128, 8, _F), (32, 64, 4, _F), (16, 128, 8, _F)],
+    (90, "dkdv", 128, None): [(32, 128, 8, _F), (32, 64, 8, _F), (16, 128, 8, _F)],
+    (90, "dkdv", 256, None): [(32, 32, 8, _F), (16, 32, 8, _F)],
+    (90, "dq", 64, _F): [(128, 64, 4, _F), (128, 32, 4, _F), (64, 64, 4, _F), (64, 32, 4, _F)],
+    (90, "dq", 64, _T): [(128, 64, 8, _F), (128, 32, 4, _F), (64, 64, 4, _F), (64, 32, 4, _F)],
+    (90, "dq", 128, _F): [(128, 64, 8, _F), (128, 32, 8, _F), (64, 64, 4, _F), (64, 32, 4, _F)],
+    (90, "dq", 128, _T): [(128, 64, 8, _F), (128, 32, 8, _F), (64, 64, 4, _F), (64, 32, 4, _F)],
+    (90, "dq", 256, _F): [(64, 64, 8, _T), (64, 32, 8, _T), (32, 32, 8, _T)],
+    (90, "dq", 256, _T): [(64, 32, 8, _T), (32, 32, 8, _T)],
+    (80, "fwd", 64, _F): [(128, 128, 8, _F), (128, 64, 4, _F), (128, 32, 4, _F), (64, 64, 4, _F), (64, 32, 4, _F)],
+    (80, "fwd", 64, _T): [(128, 128, 8, _F), (128, 64, 8, _F), (128, 32, 8, _F), (64, 64, 4, _F), (64, 32, 4, _F)],
+    (80, "fwd", 128, _F): [(128, 64, 8, _F), (128, 32, 8, _F), (64, 64, 4, _F), (64, 32, 4, _F)],
+    (80, "fwd", 128, _T): [(128, 64, 8, _F), (128, 32, 8, _F), (64, 64, 8, _F), (64, 32, 8, _F)],
+    (80, "fwd", 256, _F): [(64, 64, 8, _T), (64, 32, 8, _T)],
+    (80, "fwd", 256, _T): [(64, 64, 8, _T), (64, 32, 8, _T)],
+    (80, "dkdv", 64, None): [(32, 128, 8, _F), (32, 64, 4, _F), (16, 128, 8, _F)],
+    (80, "dkdv", 128, None): [(32, 64, 8, _F), (16, 64, 4, _F)],
+    (80, "dkdv", 256, None): [(32, 32, 8, _F), (16, 32, 8, _F)],
+    (80, "dq", 64, _F): [(128, 32, 4, _F), (64, 32, 4, _F)],
+    (80, "dq", 64, _T): [(128, 32, 4, _T), (64, 32, 4, _F), (32, 64, 4, _F)],
+    (80, "dq", 128, _F): [(128, 32, 8, _F, (2,)), (64, 64, 4, _F, (2,)), (64, 32, 4, _F)],
+    (80, "dq", 128, _T): [(128, 32, 8, _T, (2,)), (64, 64, 8, _T, (2,)), (64, 32, 4, _T, (2,)), (32, 32, 4, _F)],
+    (80, "dq", 256, _F): [(64, 32, 8, _T), (32, 32, 8, _T)],
+    (80, "dq", 256, _T): [(64, 32, 8, _T), (32, 32, 8, _T)],
+}
+
+# float32 (IEEE dots on CUDA cores, operands in registers, no wgmma to serialise): every tile runs
+# ONE_LOOP, at 2 stages; (BLOCK_M, BLOCK_N, warps) by head width up to 64, 128 and 256, spill-free on
+# sm_80 and sm_90a in the same sweeps.
 _FP32_BLOCKS = {
-    "fwd": {64: [(64, 32, 8), (64, 16, 4), (32, 32, 4)], 128: [(64, 32, 8), (64, 16, 4), (32, 32, 4)],
-            256: [(64, 32, 8), (32, 32, 4)]},
-    "dkdv": {64: [(32, 32, 8), (16, 32, 8), (16, 64, 4)], 128: [(32, 32, 8), (16, 32, 8), (16, 16, 4)],
+    "fwd": {64: [(64, 32, 8), (64, 16, 4), (32, 32, 4)], 128: [(64, 32, 8), (32, 16, 4), (16, 32, 4)],
+            256: [(32, 32, 8), (16, 32, 4), (16, 16, 4)]},
+    "dkdv": {64: [(32, 32, 8), (16, 32, 8), (16, 64, 4)], 128: [(16, 32, 8), (16, 16, 4)],
              256: [(16, 32, 8), (16, 16, 4)]},
-    "dq": {64: [(64, 32, 8), (32, 32, 4), (64, 16, 4)], 128: [(64, 32, 8), (32, 16, 4), (32, 32, 4)],
-           256: [(32, 16, 4)]},
+    "dq": {64: [(64, 32, 8), (32, 32, 4), (64, 16, 4)], 128: [(32, 16, 4), (32, 32, 4), (16, 32, 4)],
+           256: [(32, 16, 4), (16, 32, 4), (16, 16, 4)]},
 }
 
 
-def _fp32_candidates(kind: str, block_d: int):
-    width = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
-    return [(m, n, warps, 2) for m, n, warps in _FP32_BLOCKS[kind][width]]
+def _capability() -> int:
+    """The current GPU's compute capability as 80, 90, ... (90 without a GPU: Hopper lists)."""
+    if not torch.cuda.is_available():
+        return 90
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def _width(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+def _candidates(
+    kind: str, block_d: int, block_dv: int, is_causal: bool, elem_bytes: int,
+    smem_limit: int | None = None, capability: int | None = None,
+) -> list[LaunchConfig]:
+    """The autotune candidates of ``kind`` for the current GPU (or ``capability``), pruned by
+    head width, causal and shared memory.
+
+    The lists come from compiling candidates for sm_80 and sm_90a with Triton 3.6 and 3.9 and
+    reading ptxas' report (``make check-sass``, table in benchmarks/results/static/): tiles that
+    spill are left out. Shared memory: a candidate is dropped here only when its pipelined tiles
+    alone exceed the device's limit (``smem_limit``, default the current GPU's), a lower bound of
+    what it needs; whether one that passes fits is decided by its compiled size (Triton raises
+    OutOfResources for a compiled kernel over the limit, and the autotuner skips it). d128 128x128
+    at 3 stages compiles to 224 KiB and fits the H100/H200's 227 KiB. Which of the rest is fastest
+    is the autotuner's call."""
+    width = _width(max(block_d, block_dv))
+    if elem_bytes == 4:
+        blocks = [(m, n, warps, True, (2,)) for m, n, warps in _FP32_BLOCKS[kind][width]]
+    else:
+        arch = 90 if (_capability() if capability is None else capability) >= 90 else 80
+        blocks = _BLOCKS_16BIT[(arch, kind, width, None if kind == "dkdv" else bool(is_causal))]
+    limit = _shared_memory_limit() if smem_limit is None else smem_limit
+    out = []
+    for block_m, block_n, warps, one_loop, *stages in blocks:
+        qk_v = block_d + block_dv
+        if kind == "fwd":  # Q resident, K/V streamed, O accumulated
+            resident, streamed = block_m * block_d, block_n * qk_v
+        elif kind == "dkdv":  # K/V resident, Q/dO streamed, dK/dV accumulated
+            resident, streamed = block_n * qk_v, block_m * qk_v
+        else:  # Q/dO resident, K/V streamed, dQ accumulated
+            resident, streamed = block_m * qk_v, block_n * qk_v
+        # causal forward/dQ: the unrolled diagonal blocks before the loop hold one more K/V tile
+        prologue = 1 if is_causal and kind != "dkdv" and not one_loop else 0
+        for n_stages in stages[0] if stages else _stages(width):
+            # Triton's pipeliner keeps stages - 1 tiles in flight next to the one being consumed
+            if limit and (resident + (n_stages + prologue) * streamed) * elem_bytes > limit:
+                continue
+            out.append(LaunchConfig(block_m, block_n, warps, n_stages, one_loop))
+    return out
 
 
 # The configuration used without autotuning (FASTATTN_AUTOTUNE=0): (BLOCK_M, BLOCK_N) for heads up
@@ -882,7 +954,9 @@ _DEFAULT_BLOCKS = {"fwd": ((128, 64), (64, 64)), "dkdv": ((32, 64), (32, 32)), "
 # run one fixed configuration: autotuning them would re-tune at every new cache length. 16 query rows
 # is the smallest tile tl.dot takes; 64-key blocks keep the K/V stream pipelined.
 DECODE_MAX_QUERIES = 16
-_DECODE_CONFIG = (16, 64, 4, 2)
+_DECODE_CONFIG = LaunchConfig(16, 64, 4, 2)
+# float32 decode: 16x64 tiles spilled (CUDA-core dots hold both operands in registers)
+_DECODE_CONFIG_FP32 = LaunchConfig(16, 32, 4, 2, one_loop=True)
 
 # Autotuning keys: the sequence lengths are bucketed (next power of two) so a new length re-tunes only
 # when it crosses a bucket, plus everything that changes the compiled kernel.
@@ -899,22 +973,30 @@ def length_bucket(n):
 
 def _kernel_configs(
     kind: str, block_d: int, block_dv: int, is_causal: bool, elem_bytes: int,
-    autotune: bool | None = None, smem_limit: int | None = None,
-):
-    """(BLOCK_M, BLOCK_N, warps, stages) tuples the kernel of ``kind`` is launched with: the autotune
-    candidates, or one fixed config without autotuning (FASTATTN_AUTOTUNE=0, or ``autotune=False``)."""
+    autotune: bool | None = None, smem_limit: int | None = None, capability: int | None = None,
+) -> list[LaunchConfig]:
+    """The launch configs of the kernel of ``kind``: the autotune candidates, or one fixed config
+    without autotuning (FASTATTN_AUTOTUNE=0, or ``autotune=False``) and for decode-shaped calls."""
     if _INTERPRETING:
         block_m, block_n = _INTERPRETER_BLOCKS["fwd" if kind == "decode" else kind]
-        return [(block_m, block_n, 4, 1)]
+        return [LaunchConfig(block_m, block_n, 4, 1)]
     if kind == "decode":
-        return [_DECODE_CONFIG]
-    candidates = _candidates(kind, block_d, block_dv, is_causal, elem_bytes, smem_limit)
+        return [_DECODE_CONFIG_FP32 if elem_bytes == 4 else _DECODE_CONFIG]
+    candidates = _candidates(kind, block_d, block_dv, is_causal, elem_bytes, smem_limit, capability)
     if not (_autotuning() if autotune is None else autotune):
         narrow, wide = _DEFAULT_BLOCKS[kind]
         blocks = wide if max(block_d, block_dv) > 128 else narrow
-        chosen = [c for c in candidates if c[:2] == blocks and c[3] <= 2]
+        chosen = [c for c in candidates if (c.block_m, c.block_n) == blocks and c.stages <= 2]
         candidates = chosen[-1:] or candidates[:1]
     return candidates
+
+
+def triton_config(kind: str, config: LaunchConfig) -> triton.Config:
+    """The triton.Config of a launch config (the dK/dV kernel has no ONE_LOOP: a single loop always)."""
+    kwargs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n}
+    if kind != "dkdv":
+        kwargs["ONE_LOOP"] = config.one_loop
+    return triton.Config(kwargs, num_warps=config.warps, num_stages=config.stages)
 
 
 @functools.cache
@@ -922,10 +1004,7 @@ def _tuned(kind: str, block_d: int, block_dv: int, is_causal: bool, elem_bytes: 
     """The kernel of ``kind`` ("fwd", "decode", "dkdv", "dq") wrapped in an Autotuner over its
     configs (one config when not autotuning or decoding: Triton does not benchmark a single one)."""
     kernel = {"fwd": _attn_fwd_kernel, "decode": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
-    configs = [
-        triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-        for block_m, block_n, warps, stages in _kernel_configs(kind, block_d, block_dv, is_causal, elem_bytes)
-    ]
+    configs = [triton_config(kind, c) for c in _kernel_configs(kind, block_d, block_dv, is_causal, elem_bytes)]
     return triton.autotune(configs=configs, key=_TUNING_KEY)(kernel)
 
 

@@ -114,24 +114,53 @@ def _m_bucket(rows) -> int:
     return next((bucket for bucket in _M_BUCKETS if rows <= bucket), 65536)
 
 
-def _prune(configs, args, accumulators: int, shared_memory: int | None = None):
+# Register budgets per thread (accumulators, operand tiles) by (architecture, 4-byte inputs), fitted
+# to a `make check-sass` sweep of every tile above (sm_90a and sm_80, bf16 and fp32, plain and gated,
+# forward and backward; benchmarks/NOTES.md): each rule keeps no tile that spilled there. Hopper's
+# wgmma reads bf16 operands from shared memory, so only the operand staging of 4-stage 4-warp tiles
+# spills; sm_80's mma.sync and all fp32 (CUDA-core) dots hold operand fragments in registers.
+_REGISTER_BUDGETS = {  # (max accumulators + operands, max operands)
+    (90, False): (256, 40),
+    (80, False): (88, 256),
+    (90, True): (96, 256),
+    (80, True): (96, 32),
+}
+
+
+def _capability() -> int:
+    if _INTERPRETING or not torch.cuda.is_available():
+        return 90
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def _register_estimate(bm: int, bh: int, bk: int, warps: int, accumulators: int, w_tiles: int, element_size: int):
+    """(fp32 accumulator registers, operand-tile registers) per thread of a tile."""
+    threads = 32 * warps
+    return accumulators * bm * bh / threads, (bm * bk + w_tiles * bh * bk) * element_size / 4 / threads
+
+
+def _prune(configs, args, accumulators: int, shared_memory: int | None = None, capability: int | None = None):
     """Keep the configs that fit this call: pipeline buffers (x tile + gate and up w1 tiles per
     stage; the backward's dout/w2 loop needs less and reuses them) within the device's shared
-    memory, at most 96 fp32 accumulator registers per thread (beyond, ptxas spills: measured for
-    sm_80/sm_90), and tiles not mostly padding for the problem's M and hidden."""
+    memory, registers within the architecture's budget (_REGISTER_BUDGETS: beyond, ptxas spills),
+    and tiles not mostly padding for the problem's M and hidden."""
     if len(configs) <= 1:
         return configs
     element_size = args["x_ptr"].element_size()
     w_tiles = 2 if args["GATED"] else 1
+    arch = 90 if (_capability() if capability is None else capability) >= 90 else 80
+    max_total, max_operands = _REGISTER_BUDGETS[(arch, element_size == 4)]
     kept = []
     for c in configs:
         bm, bh, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_H"], c.kwargs["BLOCK_K"]
         smem = c.num_stages * (bm * bk + w_tiles * bh * bk) * element_size
-        registers = accumulators * bm * bh // (32 * c.num_warps)
-        fits = smem <= (shared_memory or _SHARED_MEMORY) and registers <= 96
+        acc, operands = _register_estimate(bm, bh, bk, c.num_warps, accumulators, w_tiles, element_size)
+        fits = smem <= (shared_memory or _SHARED_MEMORY) and acc <= 96 and acc + operands <= max_total and operands <= max_operands
         if fits and bm // 2 < args["M_BUCKET"] and bh // 2 < args["H"]:
             kept.append(c)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_H"] * c.kwargs["BLOCK_K"])]
+    # nothing fits: the smallest tile, with the most warps (fewest registers per thread)
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_H"] * c.kwargs["BLOCK_K"], -c.num_warps))]
 
 
 def _prune_fwd(configs, named_args, **kwargs):
