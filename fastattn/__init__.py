@@ -4,7 +4,7 @@ Triton kernels on the GPU (and on the CPU under TRITON_INTERPRET=1), a C++/CUDA 
 fallback, and a plain PyTorch reference, chosen per call by ``fastattn.dispatch``.
 """
 
-from fastattn import nn
+from fastattn import errors, nn
 from fastattn.dispatch import BackendError, backends, use_backend
 from fastattn.functional import (
     feed_forward,
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendError",
     "backends",
+    "errors",
     "feed_forward",
     "layer_norm",
     "log_softmax",

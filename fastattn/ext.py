@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from fastattn.utils import no_double_backward
+
 _import_error: str | None = None
 try:
     from fastattn import _C  # noqa: F401  (loading it registers torch.ops.fastattn.*)
@@ -116,7 +118,8 @@ def _register_fakes() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# autograd of the forward ops (their backward ops have none: no double backward)
+# autograd of the forward ops (their backward ops have none: a double backward raises
+# DoubleBackwardError, see utils.no_double_backward)
 # --------------------------------------------------------------------------------------------
 
 
@@ -128,6 +131,7 @@ def _attention_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
+@no_double_backward("attention")
 def _attention_backward(ctx, dout, _dlse):
     q, k, v, out, lse, mask, seed = ctx.saved_tensors
     dq, dk, dv = torch.ops.fastattn.attention_bwd(dout, q, k, v, out, lse, mask, *ctx.args, seed)
@@ -140,6 +144,7 @@ def _softmax_setup(ctx, inputs, output):
     ctx.args = (scale, log)
 
 
+@no_double_backward("softmax")
 def _softmax_backward(ctx, dy):
     (y,) = ctx.saved_tensors
     scale, log = ctx.args
@@ -157,6 +162,7 @@ def _ffn_act_setup(ctx, inputs, output):
     ctx.args = (activation, dropout_p)
 
 
+@no_double_backward("feed_forward activation")
 def _ffn_act_backward(ctx, grad):
     h, bias, seed = ctx.saved_tensors
     dh = torch.ops.fastattn.ffn_act_bwd(grad, h, bias, *ctx.args, seed)
@@ -173,6 +179,7 @@ def _layer_norm_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused output's gradient comes as None, not a tensor of zeros
 
 
+@no_double_backward("layer_norm")
 def _layer_norm_backward(ctx, dy, dresidual_out, _dmean, _drstd):
     s, weight, mean, rstd = ctx.saved_tensors
     ds = dweight = dbias = None
@@ -204,6 +211,7 @@ def _rms_norm_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+@no_double_backward("rms_norm")
 def _rms_norm_backward(ctx, dy, dresidual_out, _drstd):
     s, weight, rstd = ctx.saved_tensors
     ds = dweight = None
@@ -286,6 +294,7 @@ class _FeedForward(torch.autograd.Function):
         return out
 
     @staticmethod
+    @no_double_backward("feed_forward")
     def backward(ctx, grad):
         x, w1, b1, w2, h, seed = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]

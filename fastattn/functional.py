@@ -23,7 +23,14 @@ import numbers
 import torch
 
 from fastattn import dispatch, reference
+from fastattn.errors import ArgumentError, ArgumentTypeError
 from fastattn.reference import ACTIVATIONS, GATED_ACTIVATIONS
+
+try:  # torch >= 2.3: the attn_mask subclass of causal_upper_left() / causal_lower_right()
+    from torch.nn.attention.bias import CausalBias as _CausalBias
+    from torch.nn.attention.bias import CausalVariant as _CausalVariant
+except ImportError:  # pragma: no cover
+    _CausalBias = _CausalVariant = None
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -41,9 +48,9 @@ def _check_tensor(name: str, t, ndim_min: int = 1) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        raise ArgumentTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if t.dim() < ndim_min:
-        raise ValueError(f"{name} must have at least {ndim_min} dims, got shape {tuple(t.shape)}")
+        raise ArgumentError(f"{name} must have at least {ndim_min} dims, got shape {tuple(t.shape)}")
 
 
 def _check_like(name: str, t, ref_name: str, ref: torch.Tensor, same_dtype: bool = True) -> None:
@@ -51,9 +58,9 @@ def _check_like(name: str, t, ref_name: str, ref: torch.Tensor, same_dtype: bool
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if same_dtype and t.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
+        raise ArgumentTypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
     if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must match")
+        raise ArgumentError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must match")
 
 
 def _check_dropout(dropout_p) -> float:
@@ -66,15 +73,15 @@ def _check_mask(name: str, mask, target_shape, device) -> None:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"{name} must be bool (True = keep) or floating (added), got {mask.dtype}")
+        raise ArgumentTypeError(f"{name} must be bool (True = keep) or floating (added), got {mask.dtype}")
     if mask.device != device:
-        raise ValueError(f"{name} is on {mask.device} but the inputs are on {device}")
+        raise ArgumentError(f"{name} is on {mask.device} but the inputs are on {device}")
     try:
         ok = len(mask.shape) <= len(target_shape) and torch.broadcast_shapes(mask.shape, target_shape) == target_shape
     except RuntimeError:
         ok = False
     if not ok:
-        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to {tuple(target_shape)}")
+        raise ArgumentError(f"{name} of shape {tuple(mask.shape)} does not broadcast to {tuple(target_shape)}")
 
 
 def _dropout_seed(dropout_p: float, device) -> torch.Tensor | None:
@@ -104,6 +111,81 @@ def _empty_like_graph(shape, like: torch.Tensor, *inputs) -> torch.Tensor:
         if isinstance(t, torch.Tensor) and t.requires_grad:
             out = out + t.sum() * 0
     return out
+
+
+def _plain_tensor_types() -> tuple[type, ...]:
+    """Tensor types an attn_mask may have: plain tensors and parameters, and the wrappers torch's
+    own tracing passes (torch.compile / torch.export: FakeTensor, FunctionalTensor)."""
+    types: list[type] = [torch.Tensor, torch.nn.Parameter]
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        types.append(FakeTensor)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from torch._subclasses.functional_tensor import FunctionalTensor
+
+        types.append(FunctionalTensor)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+_PLAIN_TENSOR_TYPES = _plain_tensor_types()
+
+
+def causal_bias_variant(mask) -> str | None:
+    """"upper_left" or "lower_right" when ``mask`` is a ``torch.nn.attention.bias.CausalBias``
+    (whose tensor payload is uninitialised memory: only its variant and lengths mean anything),
+    else None."""
+    if _CausalBias is None or not isinstance(mask, _CausalBias):
+        return None
+    if mask.variant == _CausalVariant.UPPER_LEFT:
+        return "upper_left"
+    if mask.variant == _CausalVariant.LOWER_RIGHT:
+        return "lower_right"
+    raise ArgumentError(f"attn_mask is a CausalBias of unknown variant {mask.variant!r}")
+
+
+def check_plain_mask(name: str, mask) -> None:
+    """Refuse a torch.Tensor subclass whose values fastattn cannot trust (a mask is read as data)."""
+    if isinstance(mask, torch.Tensor) and type(mask) not in _PLAIN_TENSOR_TYPES:
+        raise ArgumentTypeError(
+            f"{name} is a {type(mask).__module__}.{type(mask).__qualname__}, a torch.Tensor subclass fastattn "
+            "cannot read as a mask; pass a plain bool or floating tensor, or "
+            "torch.nn.attention.bias.causal_upper_left / causal_lower_right"
+        )
+
+
+def causal_bias_keep(n_q: int, n_k: int, device) -> torch.Tensor:
+    """Bool (n_q, n_k), True = attend: the bottom-right aligned causal mask (query i sees keys
+    j <= i + n_k - n_q), flash-attention's convention and CausalBias LOWER_RIGHT's."""
+    return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril(n_k - n_q)
+
+
+def _resolve_attn_mask(name, mask, is_causal, n_q, n_k, device):
+    """(mask, is_causal) as the kernels take them: a CausalBias becomes is_causal (upper-left, or
+    lower-right with Nq == Nk) or an explicit bottom-right bool mask; other subclasses are refused."""
+    if mask is None:
+        return None, is_causal
+    variant = causal_bias_variant(mask)
+    if variant is None:
+        check_plain_mask(name, mask)
+        return mask, is_causal
+    if is_causal:
+        raise ArgumentError(
+            f"{name} is a CausalBias and is_causal=True; CausalBias should not be used with causal=True: "
+            "pass only one of them"
+        )
+    if (mask.seq_len_q, mask.seq_len_kv) != (n_q, n_k):
+        raise ArgumentError(
+            f"{name} is a CausalBias for (seq_len_q, seq_len_kv) = ({mask.seq_len_q}, {mask.seq_len_kv}) "
+            f"but query and key have lengths ({n_q}, {n_k})"
+        )
+    if variant == "upper_left" or n_q == n_k:
+        return None, True
+    return causal_bias_keep(n_q, n_k, device), False
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,7 +221,13 @@ def scaled_dot_product_attention(
     ``attn_mask`` broadcasts to (..., Hq, Nq, Nk): bool (True = attend) or floating (added to the
     scores). A key-padding mask is (B, 1, 1, Nk); it is read in place, never expanded. A query row
     with no key left to attend gives zeros (and zero gradients), not NaN. Combined with
-    ``is_causal``, both apply.
+    ``is_causal``, both apply (a superset of torch, which raises for an explicit mask with
+    ``is_causal=True``).
+
+    ``attn_mask`` may also be ``torch.nn.attention.bias.causal_upper_left(Nq, Nk)`` (the same as
+    ``is_causal=True``) or ``causal_lower_right(Nq, Nk)`` (bottom-right aligned: query i attends
+    keys j <= i + Nk - Nq; a query row left with no key gives zeros where torch gives NaN); with
+    ``is_causal=True`` these raise, as in torch. Any other torch.Tensor subclass is refused.
 
     ``dropout_p`` drops attention weights with a counter-based RNG seeded from torch's generator
     (``torch.manual_seed`` reproduces it) and scales the kept ones by 1/(1 - dropout_p); the backward
@@ -152,7 +240,7 @@ def scaled_dot_product_attention(
     _check_like("key", key, "query", query)
     _check_like("value", value, "query", query)
     if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(
+        raise ArgumentError(
             f"query, key and value must have the same number of dims, got {query.dim()}, {key.dim()}, {value.dim()}"
         )
     if query.dim() == 2:  # (N, D): one head, no batch
@@ -163,21 +251,22 @@ def scaled_dot_product_attention(
     batch, (h_q, n_q, d) = query.shape[:-3], query.shape[-3:]
     h_kv, n_k = key.shape[-3], key.shape[-2]
     if key.shape[:-3] != batch or value.shape[:-3] != batch:
-        raise ValueError(
+        raise ArgumentError(
             f"batch dims differ: query {tuple(batch)}, key {tuple(key.shape[:-3])}, value {tuple(value.shape[:-3])}"
         )
     if key.size(-1) != d:
-        raise ValueError(f"key head dim {key.size(-1)} must equal query head dim {d}")
+        raise ArgumentError(f"key head dim {key.size(-1)} must equal query head dim {d}")
     if value.shape[-3:-1] != key.shape[-3:-1]:
-        raise ValueError(
+        raise ArgumentError(
             f"value (heads, length) {tuple(value.shape[-3:-1])} must equal key's {tuple(key.shape[-3:-1])}"
         )
     if h_kv != h_q:
         if not enable_gqa:
-            raise ValueError(f"query has {h_q} heads but key/value {h_kv}; pass enable_gqa=True for GQA/MQA")
+            raise ArgumentError(f"query has {h_q} heads but key/value {h_kv}; pass enable_gqa=True for GQA/MQA")
         if h_kv == 0 or h_q % h_kv != 0:
-            raise ValueError(f"query heads ({h_q}) must be a multiple of key/value heads ({h_kv}) for GQA")
+            raise ArgumentError(f"query heads ({h_q}) must be a multiple of key/value heads ({h_kv}) for GQA")
     dropout_p = _check_dropout(dropout_p)
+    attn_mask, is_causal = _resolve_attn_mask("attn_mask", attn_mask, is_causal, n_q, n_k, query.device)
     if scale is not None and not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if scale is None:

@@ -32,3 +32,64 @@ def seed_arg(seed: torch.Tensor | None, dropout_p: float, like: torch.Tensor) ->
         desc = None if seed is None else f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}"
         raise ValueError(f"seed must be a one-element int64 tensor on {like.device} when dropout_p > 0, got {desc}")
     return seed
+
+
+# --------------------------------------------------------------------------------------------
+# double backward: never a silent zero
+# --------------------------------------------------------------------------------------------
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes first-order gradients through unchanged (as copies) and ties them to what they depend
+    on, so that differentiating them (a second derivative) reaches ``backward`` and raises."""
+
+    @staticmethod
+    def forward(op: str, n_grads: int, *tensors):
+        return tuple(t.clone() for t in tensors[:n_grads])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # the separate form torch.func transforms require
+        ctx.op = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *_):
+        from fastattn.errors import DoubleBackwardError
+
+        raise DoubleBackwardError(
+            f"the derivative of fastattn's {ctx.op} backward is not implemented: a second derivative "
+            f"(torch.autograd.grad(..., create_graph=True) then differentiated again) through the fused "
+            f"{ctx.op} kernel is not supported. Run that part with fastattn.use_backend('reference') "
+            "(plain PyTorch, differentiable twice) or with torch's own op."
+        )
+
+
+def no_double_backward(op: str):
+    """Decorator for a kernel's backward(ctx, *grad_outputs): under create_graph=True (grad mode on
+    in the backward) the gradients it returns are correct first-order values, and differentiating
+    them raises DoubleBackwardError instead of giving zero or None (the kernels' backward ops have
+    no autograd of their own). With create_graph=False nothing changes."""
+
+    def decorate(backward):
+        def wrapper(ctx, *grad_outputs):
+            if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+                return backward(ctx, *grad_outputs)
+            with torch.no_grad():  # the backward ops have no autograd: no "not registered" warnings
+                grads = backward(ctx, *grad_outputs)
+            single = not isinstance(grads, tuple)
+            grads = (grads,) if single else grads
+            deps = [
+                t
+                for t in (*grad_outputs, *ctx.saved_tensors)
+                if isinstance(t, torch.Tensor) and t.requires_grad
+            ]
+            present = [g for g in grads if isinstance(g, torch.Tensor)]
+            if deps and present:
+                wrapped = iter(_NoDoubleBackward.apply(op, len(present), *present, *deps))
+                grads = tuple(next(wrapped) if isinstance(g, torch.Tensor) else g for g in grads)
+            return grads[0] if single else grads
+
+        wrapper.__name__ = getattr(backward, "__name__", "backward")
+        wrapper.__doc__ = backward.__doc__
+        return wrapper
+
+    return decorate

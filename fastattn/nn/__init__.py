@@ -11,6 +11,7 @@ extension, ...) run on the ``reference`` backend under automatic selection.
 
 import torch
 
+from fastattn.errors import NotScriptableError
 from fastattn.nn.attention import MultiheadAttention
 from fastattn.nn.layers import FeedForward, LayerNorm, RMSNorm, Softmax
 from fastattn.nn.transformer import (
@@ -33,6 +34,22 @@ TORCH_TWINS: dict[type, type] = {
     torch.nn.RMSNorm: RMSNorm,
     torch.nn.Softmax: Softmax,
 }
+
+
+
+def _not_scriptable(self):
+    """torch.jit.script calls this hook on every module it scripts (submodules included)."""
+    raise NotScriptableError(
+        f"fastattn.nn.{type(self).__name__} is not scriptable with torch.jit.script: its forward calls "
+        "fastattn's kernels through Python dispatch (backend selection, torch.library custom ops with "
+        "Python autograd), which TorchScript cannot compile. Use torch.compile(module) or "
+        "torch.export.export(module, args) instead (both work), or script the torch.nn module it replaces."
+    )
+
+
+for _cls in (*TORCH_TWINS.values(), FeedForward):
+    _cls.__prepare_scriptable__ = _not_scriptable
+del _cls
 
 __all__ = [
     "TORCH_TWINS",

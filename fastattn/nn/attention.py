@@ -14,6 +14,11 @@ Two paths, as in torch:
 
 Differences from torch, both deliberate: a query row whose keys are all masked gives zeros (torch
 gives NaN), and there is no nested-tensor fast path (pad and pass ``key_padding_mask``).
+
+Also accepted: ``torch.nn.attention.bias.causal_upper_left`` / ``causal_lower_right`` as attn_mask.
+Errors are fastattn.errors types, catchable as torch's (AssertionError for the shape checks,
+RuntimeError for the rest) and as the ValueError/TypeError fastattn raised before. Not scriptable
+with torch.jit.script (NotScriptableError); torch.compile and torch.export work.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fastattn import functional
+from fastattn.errors import ArgumentError, ShapeAssertionError, TypeAssertionError
 
 __all__ = ["MultiheadAttention"]
 
@@ -45,15 +51,28 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         """Shapes and mask conventions are torch's: query (L, N, E), (N, L, E) with batch_first, or
         (L, E) unbatched; bool masks are True = *not* allowed to attend, float masks are added;
         attn_mask (L, S) or (N·num_heads, L, S); key_padding_mask (N, S) (or (S,) unbatched).
-        ``is_causal`` is torch's hint that ``attn_mask`` is the causal mask (it requires attn_mask)."""
-        batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
+
+        ``is_causal`` is torch's hint that ``attn_mask`` is the causal mask (it requires attn_mask).
+        As in torch, with ``need_weights=False`` and no ``key_padding_mask`` the hint replaces the
+        mask: attn_mask is then only checked to be a bool/float tensor of 2 or 3 dims, and a causal
+        mask is applied instead. Otherwise the mask itself is applied (``is_causal`` only hints).
+
+        ``attn_mask`` may be ``torch.nn.attention.bias.causal_upper_left(L, S)`` (top-left causal)
+        or ``causal_lower_right(L, S)`` (bottom-right aligned: query i attends keys j <= i + S - L);
+        other torch.Tensor subclasses are refused.
+
+        Bad arguments raise fastattn.errors types that are both the ValueError/TypeError fastattn
+        raised before and the AssertionError/RuntimeError torch raises in the same case."""
+        batched, tgt_len, src_len = self._check_inputs(query, key, value)
+        attn_mask, is_causal = _resolve_causal_bias(attn_mask, is_causal, tgt_len, src_len, query.device)
         if is_causal and attn_mask is None:
-            raise ValueError(
+            raise ArgumentError(
                 "is_causal=True needs attn_mask too (torch's hint that attn_mask is causal); build it with "
                 "torch.nn.Transformer.generate_square_subsequent_mask"
             )
         # torch's rule: the hint replaces the mask only when no key padding is merged in and no weights are returned
         causal_flag = bool(is_causal) and key_padding_mask is None and not need_weights
+        self._check_masks(query, key_padding_mask, attn_mask, batched, tgt_len, src_len, hint_only=causal_flag)
         if causal_flag:
             attn_mask = None
 
@@ -87,45 +106,78 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     # ----------------------------------------------------------------------------------------
 
-    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask) -> bool:
-        """Torch's shape rules, as ValueError/TypeError naming the argument; True when batched."""
+    def _check_inputs(self, query, key, value) -> tuple[bool, int, int]:
+        """Torch's rules for query, key and value (errors name the argument and are catchable as
+        torch's AssertionError); returns (batched, L, S)."""
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if t.is_nested:
-                raise TypeError(f"{name} is a nested tensor; fastattn takes padded tensors with key_padding_mask")
+                raise TypeAssertionError(
+                    f"{name} is a nested tensor; fastattn's MultiheadAttention does not support NestedTensor: "
+                    "pass padded tensors with key_padding_mask"
+                )
         if query.dim() not in (2, 3):
-            raise ValueError(f"query must be 2-D (unbatched) or 3-D (batched), got shape {tuple(query.shape)}")
-        if key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(
-                f"key and value must have query's {query.dim()} dims, got {key.dim()}-D and {value.dim()}-D"
+            raise ShapeAssertionError(
+                f"query must be 2-D (unbatched) or 3-D (batched), got a {query.dim()}-D query of shape {tuple(query.shape)}"
             )
         batched = query.dim() == 3
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            kind = "batched (3-D)" if batched else "unbatched (2-D)"
+            raise ShapeAssertionError(
+                f"For {kind} `query`, expected `key` and `value` to be {query.dim()}-D"
+                f" but found {key.dim()}-D and {value.dim()}-D tensors respectively"
+            )
         for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
             if t.size(-1) != width:
-                raise ValueError(f"{name}'s last dim must be {width}, got shape {tuple(t.shape)}")
+                raise ShapeAssertionError(f"{name}'s last dim must be {width}, got shape {tuple(t.shape)}")
         if key.shape[:-1] != value.shape[:-1]:
-            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} differ in length or batch")
+            raise ShapeAssertionError(f"key {tuple(key.shape)} and value {tuple(value.shape)} differ in length or batch")
         batch_dim = 0 if self.batch_first else 1
         if batched and query.size(batch_dim) != key.size(batch_dim):
-            raise ValueError(f"query and key differ in batch size: {tuple(query.shape)} vs {tuple(key.shape)}")
-        n = query.size(batch_dim) if batched else 1
+            raise ArgumentError(f"query and key differ in batch size: {tuple(query.shape)} vs {tuple(key.shape)}")
         tgt_len = query.size(1 - batch_dim) if batched else query.size(0)
         src_len = key.size(1 - batch_dim) if batched else key.size(0)
+        return batched, tgt_len, src_len
+
+    def _check_masks(self, query, key_padding_mask, attn_mask, batched, tgt_len, src_len, hint_only) -> None:
+        """Torch's rules for the masks. With ``hint_only`` (is_causal replaces attn_mask), attn_mask's
+        rank and dtype are checked but not its size, as torch does."""
+        n = query.size(0 if self.batch_first else 1) if batched else 1
+        kind = "batched (3-D)" if batched else "unbatched (2-D)"
         if key_padding_mask is not None:
             _check_mask_dtype("key_padding_mask", key_padding_mask)
+            functional.check_plain_mask("key_padding_mask", key_padding_mask)
             expected = (n, src_len) if batched else (src_len,)
+            if key_padding_mask.dim() != len(expected):
+                raise ShapeAssertionError(
+                    f"For {kind} `query`, expected `key_padding_mask` to be `None` or {len(expected)}-D"
+                    f" but found {key_padding_mask.dim()}-D tensor instead"
+                )
             if tuple(key_padding_mask.shape) != expected:
-                raise ValueError(f"key_padding_mask must have shape {expected}, got {tuple(key_padding_mask.shape)}")
+                raise ArgumentError(f"key_padding_mask must have shape {expected}, got {tuple(key_padding_mask.shape)}")
         if attn_mask is not None:
             _check_mask_dtype("attn_mask", attn_mask)
+            if attn_mask.dim() not in (2, 3):
+                raise ShapeAssertionError(
+                    f"For {kind} `query`, expected `attn_mask` to be `None`, 2-D or 3-D"
+                    f" but found {attn_mask.dim()}-D tensor instead"
+                )
+            if not batched and attn_mask.dim() == 3:
+                expected = (self.num_heads, tgt_len, src_len)
+                if tuple(attn_mask.shape) != expected:
+                    raise ShapeAssertionError(
+                        f"Expected `attn_mask` shape to be {expected} (num_heads, L, S) for an unbatched query, "
+                        f"but got {tuple(attn_mask.shape)}"
+                    )
+            if hint_only:
+                return
             allowed = ((tgt_len, src_len), (n * self.num_heads, tgt_len, src_len))
             if tuple(attn_mask.shape) not in allowed:
-                raise ValueError(
+                raise ArgumentError(
                     f"attn_mask must have shape {allowed[0]} or {allowed[1]} (N·num_heads, L, S), "
                     f"got {tuple(attn_mask.shape)}"
                 )
-        return batched
 
     def _in_projection(self, query, key, value):
         """q, k, v in the inputs' layout; one GEMM for self-attention, two when key is value."""
@@ -178,7 +230,34 @@ def _check_mask_dtype(name: str, mask) -> None:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"{name} must be bool (True = masked out) or floating (added), got {mask.dtype}")
+        raise TypeAssertionError(
+            f"only bool and floating types of {name} are supported: {name} must be bool (True = masked out) "
+            f"or floating (added), got {mask.dtype}"
+        )
+
+
+def _resolve_causal_bias(attn_mask, is_causal, tgt_len: int, src_len: int, device):
+    """A torch.nn.attention.bias.CausalBias attn_mask as MHA's (L, S) bool mask (True = masked out)
+    plus the is_causal hint where it is top-left causal; other tensor subclasses are refused."""
+    if attn_mask is None:
+        return attn_mask, is_causal
+    variant = functional.causal_bias_variant(attn_mask)
+    if variant is None:
+        functional.check_plain_mask("attn_mask", attn_mask)
+        return attn_mask, is_causal
+    if is_causal:
+        raise ArgumentError(
+            "attn_mask is a CausalBias and is_causal=True; CausalBias should not be used with causal=True: "
+            "pass only one of them"
+        )
+    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (tgt_len, src_len):
+        raise ArgumentError(
+            f"attn_mask is a CausalBias for (seq_len_q, seq_len_kv) = ({attn_mask.seq_len_q}, "
+            f"{attn_mask.seq_len_kv}) but query and key have lengths ({tgt_len}, {src_len})"
+        )
+    if variant == "upper_left" or tgt_len == src_len:  # top-left causal: the hint applies
+        return torch.ones(tgt_len, src_len, dtype=torch.bool, device=device).triu(1), True
+    return ~functional.causal_bias_keep(tgt_len, src_len, device), False
 
 
 def _split_heads(x: torch.Tensor, num_heads: int, seq_first: bool) -> torch.Tensor:

@@ -52,7 +52,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from fastattn.dispatch import Op
-from fastattn.utils import empty, seed_arg
+from fastattn.utils import empty, no_double_backward, seed_arg
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -1215,6 +1215,7 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (scale, is_causal, dropout_p)
 
 
+@no_double_backward("attention")
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, mask, out, lse, seed = ctx.saved_tensors
     need_dq = ctx.needs_input_grad[0]

@@ -43,7 +43,7 @@ from torch.library import triton_op, wrap_triton
 
 from fastattn.dispatch import Op
 from fastattn.reference import ACTIVATIONS, GATED_ACTIVATIONS
-from fastattn.utils import empty, seed_arg
+from fastattn.utils import empty, no_double_backward, seed_arg
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -513,6 +513,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_b2 = b2 is not None
 
 
+@no_double_backward("feed_forward")
 def _backward(ctx, dout):
     x, w1, b1, w2, seed = ctx.saved_tensors
     need = ctx.needs_input_grad  # x, w1, b1, w2, b2, ...

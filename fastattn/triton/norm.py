@@ -24,7 +24,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from fastattn.dispatch import Op
-from fastattn.utils import empty
+from fastattn.utils import empty, no_double_backward
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -442,12 +442,14 @@ def _grads(ctx, dy, dsum, want_dweight, want_dbias, is_rms):
     return _norm_bwd(dy, dsum, s, weight, mean, rstd, want_dweight, want_dbias, is_rms)
 
 
+@no_double_backward("layer_norm")
 def _layer_norm_backward(ctx, dy, dsum, _dmean, _drstd):
     x_grad, w_grad, b_grad, _, r_grad = ctx.needs_input_grad
     ds, dweight, dbias = _grads(ctx, dy, dsum, w_grad, b_grad, is_rms=False)
     return ds if x_grad else None, dweight if w_grad else None, dbias if b_grad else None, None, ds if r_grad else None
 
 
+@no_double_backward("rms_norm")
 def _rms_norm_backward(ctx, dy, dsum, _drstd):
     x_grad, w_grad, _, r_grad = ctx.needs_input_grad
     ds, dweight, _ = _grads(ctx, dy, dsum, w_grad, False, is_rms=True)

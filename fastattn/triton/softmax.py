@@ -30,7 +30,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from fastattn.dispatch import Op
-from fastattn.utils import poisoning
+from fastattn.utils import no_double_backward, poisoning
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -449,6 +449,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mask_dtype = None if mask is None else mask.dtype
 
 
+@no_double_backward("softmax")
 def _backward(ctx, dy):
     (y,) = ctx.saved_tensors
     dx = _softmax_bwd_op(dy, y, ctx.scale, ctx.log) if ctx.needs_input_grad[0] else None
