@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import torch
 
+from fastattn.reference import GATED_ACTIVATIONS
+from fastattn.utils import zero_hidden_scores
+
 _import_error: str | None = None
 try:
     from fastattn import _C  # noqa: F401  (loading it registers torch.ops.fastattn.*)
@@ -87,7 +90,7 @@ def _register_fakes() -> None:
 
     @register("fastattn::ffn_act_fwd")
     def _(h, bias, activation, dropout_p, seed):
-        gated = activation in ("swiglu", "geglu")
+        gated = activation in GATED_ACTIVATIONS
         return h.new_empty(h.shape[0], h.shape[1] // 2 if gated else h.shape[1])
 
     @register("fastattn::ffn_act_bwd")
@@ -135,18 +138,23 @@ def _attention_backward(ctx, dout, _dlse):
 
 
 def _softmax_setup(ctx, inputs, output):
-    _x, _mask, scale, _is_causal, log = inputs
-    ctx.save_for_backward(output)
-    ctx.args = (scale, log)
+    _x, mask, scale, is_causal, log = inputs
+    # log_softmax: the bool mask marks the scores x does not reach (zero gradient, utils.zero_hidden_scores)
+    hidden = mask if log and mask is not None and mask.dtype == torch.bool else None
+    ctx.save_for_backward(output, hidden)
+    ctx.args = (scale, log, log and is_causal)
 
 
 def _softmax_backward(ctx, dy):
-    (y,) = ctx.saved_tensors
-    scale, log = ctx.args
+    y, hidden = ctx.saved_tensors
+    scale, log, causal = ctx.args
     if not ctx.needs_input_grad[1]:
-        return torch.ops.fastattn.softmax_bwd(dy, y, scale, log), None, None, None, None
+        dx = torch.ops.fastattn.softmax_bwd(dy, y, scale, log)
+        return (zero_hidden_scores(dx, hidden, causal) if log else dx), None, None, None, None
     # A float mask that requires grad is added to the scaled scores: its gradient is the scores'.
     dscores = torch.ops.fastattn.softmax_bwd(dy, y, 1.0, log)
+    if log:
+        dscores = zero_hidden_scores(dscores, None, causal)
     dx = dscores * scale if ctx.needs_input_grad[0] else None
     return dx, dscores, None, None, None
 

@@ -188,6 +188,8 @@ def scaled_dot_product_attention(
         _check_mask("attn_mask", attn_mask, (*batch, h_q, n_q, n_k), query.device)
 
     query, key, value = _autocast(query.device.type, query, key, value)
+    if d == 0 and query.size(-2) > 0 and n_k > 0 and value.numel() > 0:
+        return _attention_head_dim_0(query, key, value, attn_mask, dropout_p, is_causal, scale, out_shape)
     if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
         # Nq = 0 or B = 0: nothing to compute; Nk = 0: every row is fully masked, so zeros.
         return _empty_like_graph(out_shape, query, query, key, value)
@@ -201,6 +203,28 @@ def scaled_dot_product_attention(
         mask = attn_mask.expand(*batch, h_q, n_q, n_k).reshape(b, h_q, n_q, n_k)
     seed = _dropout_seed(dropout_p, q.device)
     out = dispatch.call("attention", q.device, q, k, v, mask, scale, bool(is_causal), dropout_p, seed)
+    return out.reshape(out_shape)
+
+
+def _attention_head_dim_0(query, key, value, attn_mask, dropout_p, is_causal, scale, out_shape):
+    """Head dim 0 (D = 0, Dv > 0): every score is 0, so each row averages the values it sees (masks
+    and is_causal apply), as torch does. No kernel takes D = 0: the reference math runs, on any
+    backend, with its gradients and the kernels' dropout RNG."""
+    batch, (h_q, n_q), (h_kv, n_k) = query.shape[:-3], query.shape[-3:-1], key.shape[-3:-1]
+    b = math.prod(batch)
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.expand(*batch, h_q, n_q, n_k).reshape(b, h_q, n_q, n_k)
+    out = reference._attention_op(
+        query.reshape(b, h_q, n_q, 0),
+        key.reshape(b, h_kv, n_k, 0),
+        value.reshape(b, h_kv, n_k, value.size(-1)),
+        mask,
+        scale,
+        bool(is_causal),
+        dropout_p,
+        _dropout_seed(dropout_p, query.device),
+    )
     return out.reshape(out_shape)
 
 
@@ -236,6 +260,8 @@ def _softmax(x, dim, scale, mask, is_causal, log):
             mask = mask & causal
         else:
             mask = mask.masked_fill(~causal, float("-inf"))
+            if log and x.requires_grad:  # x does not reach the hidden scores: no gradient there, as for dim=-1
+                x = torch.where(causal, x, x.detach())
         is_causal = False
     x_rows = x.movedim(dim, -1)
     mask_rows = None if mask is None else mask.expand(x.shape).movedim(dim, -1)
@@ -269,8 +295,10 @@ def feed_forward(x, w1, b1=None, w2=None, b2=None, *, activation="gelu", dropout
 
     Shapes: x (..., d_model); w1 (hidden, d_model), or (2·hidden, d_model) for the gated
     ``swiglu``/``geglu`` whose first ``hidden`` rows are the gate's (act(gate)·up); b1 (w1 rows,);
-    w2 (d_out, hidden); b2 (d_out,). Activations: relu, gelu (exact), gelu_tanh, silu, swiglu,
-    geglu. ``dropout_p`` drops the activation (before the second GEMM), as nn.Transformer does.
+    w2 (d_out, hidden); b2 (d_out,). Activations: relu, gelu (exact, erf), gelu_tanh (tanh
+    approximation), silu, and the gated swiglu (silu gate), geglu (exact erf-gelu gate) and geglu_tanh
+    (tanh-gelu gate: Hugging Face's gelu_pytorch_tanh as in Gemma, Liger-Kernel's GEGLU).
+    ``dropout_p`` drops the activation (before the second GEMM), as nn.Transformer does.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
