@@ -356,6 +356,14 @@ def test_long_path_with_masks_and_causal(tiny_long_path, log):
     bias = rand(1, 1, 50, scale=2.0)
     check("triton", lambda x, m: fn(x, mask=m), rand(2, 2, 50), bias, grad_on=(0, 1))
     check("triton", lambda x: fn(x, dim=0), rand(40, 20, dtype=torch.bfloat16))  # tall tiles, streamed
+    if log:  # the segmented backward gives torch's dy·scale at a -inf (float mask) output too
+        bias[..., 1::5] = float("-inf")
+        x = rand(2, 2, 50).requires_grad_()
+        dy = torch.randn(2, 2, 50, device=DEVICE)
+        with fastattn.use_backend("triton"):
+            (dx,) = torch.autograd.grad(fn(x, mask=bias, scale=0.5), x, dy)
+        expected = _torch_log_softmax_grads(x, dy, 0.5, bias=bias)
+        torch.testing.assert_close(dx.cpu().double(), expected, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
