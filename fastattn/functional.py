@@ -145,6 +145,10 @@ def scaled_dot_product_attention(
     (``torch.manual_seed`` reproduces it) and scales the kept ones by 1/(1 - dropout_p); the backward
     regenerates the same mask. ``scale`` defaults to 1/sqrt(D).
 
+    NaN in, NaN out, as torch (a NaN query row, a NaN scale), except that a row the bool mask or
+    ``is_causal`` leaves without a key stays zeros. Head dim D = 0 (Dv > 0): every score is 0, so a
+    row is the mean of the values it sees, as torch gives.
+
     The backend is chosen by ``fastattn.use_backend`` / ``FASTATTN_BACKEND``, else automatically.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -281,7 +285,11 @@ def softmax(x, dim=-1, *, scale=None, mask=None, is_causal=False):
 
 
 def log_softmax(x, dim=-1, *, scale=None, mask=None, is_causal=False):
-    """log(softmax(x·scale + mask)) along ``dim``; a fully masked row gives -inf (log of zeros)."""
+    """log(softmax(x·scale + mask)) along ``dim``; a fully masked row gives -inf (log of zeros).
+
+    The gradient is torch's dy - exp(y)·Σdy (times scale) on every backend: dy·scale at a -inf
+    output that comes from x or a float mask (a fully masked row included), 0 where the bool mask or
+    ``is_causal`` hides the score."""
     return _softmax(x, dim, scale, mask, is_causal, log=True)
 
 

@@ -92,7 +92,8 @@ def attention(
 def softmax(x, dim=-1, scale=None, mask=None, is_causal=False, log=False):
     """softmax(x·scale + mask) along ``dim``; ``is_causal`` masks j > i over the last two dims.
 
-    A fully masked row gives zeros (softmax) or -inf (log_softmax, the log of those zeros).
+    A fully masked row gives zeros (softmax) or -inf (log_softmax, the log of those zeros). A NaN
+    in a row makes the row NaN, as torch.
     """
     s = x * scale if scale is not None else x
     if mask is not None:

@@ -496,8 +496,8 @@ def test_nan_query_row_or_scale_gives_nan_as_torch(backend):
     for is_causal in (False, True):
         out = _forced(
             backend,
-            lambda: fastattn.scaled_dot_product_attention(
-                q.detach(), k, v, attn_mask=mask, scale=float("nan"), is_causal=is_causal
+            lambda causal=is_causal: fastattn.scaled_dot_product_attention(
+                q.detach(), k, v, attn_mask=mask, scale=float("nan"), is_causal=causal
             ),
         )
         live = torch.ones(9, dtype=torch.bool)

@@ -119,7 +119,7 @@ def test_geglu_tanh_is_the_tanh_gelu_gate(backend):
     got = torch.autograd.grad(out, args, dout)
     want = torch.autograd.grad(expected, leaves, dout.cpu().double())
     for name, g, w in zip(("x", "w1", "b1", "w2", "b2"), got, want):
-        torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

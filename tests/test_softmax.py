@@ -265,7 +265,7 @@ def test_log_softmax_gradient_at_minus_inf(backend):
         with fastattn.use_backend(backend):
             (dx,) = torch.autograd.grad(fastattn.log_softmax(xx, **kwargs), xx, dy)
         expected = _torch_log_softmax_grads(x, dy, **torch_kwargs)
-        torch.testing.assert_close(dx.cpu().double(), expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{kwargs}: {m}")
+        torch.testing.assert_close(dx.cpu().double(), expected, rtol=1e-5, atol=1e-5, msg=lambda m, kw=kwargs: f"{kw}: {m}")
     xx = x.clone().requires_grad_()
     with fastattn.use_backend(backend):  # the fully masked row (torch: NaN) gets dy·scale, torch's formula
         (dx,) = torch.autograd.grad(fastattn.log_softmax(xx, mask=full_bias, scale=0.5), xx, dy)
