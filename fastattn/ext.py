@@ -8,7 +8,8 @@ backends: only the device of the tensors (and so the kernels the dispatcher pick
 What the autograd saves:
 - attention: q, k, v, out and the float32 log-sum-exp (B, Hq, Nq); the backward recomputes the
   weights block by block (no (Nq, Nk) tensor is ever stored) and regenerates the dropout mask.
-- softmax: the output only. Norms: s = x (+ residual), weight and the float32 row statistics.
+- softmax: the output only (log_softmax with a bool mask: also that mask, to zero the gradient it
+  hides). Norms: s = x (+ residual), weight and the float32 row statistics.
 - feed_forward: x, the weights and h = x·w1ᵀ (before bias and activation); the activation
   act(h + b1) is recomputed in the backward by the fused epilogue instead of being kept alive.
 
