@@ -8,7 +8,8 @@ backends: only the device of the tensors (and so the kernels the dispatcher pick
 What the autograd saves:
 - attention: q, k, v, out and the float32 log-sum-exp (B, Hq, Nq); the backward recomputes the
   weights block by block (no (Nq, Nk) tensor is ever stored) and regenerates the dropout mask.
-- softmax: the output only. Norms: s = x (+ residual), weight and the float32 row statistics.
+- softmax: the output only (log_softmax with a bool mask: also that mask, to zero the gradient it
+  hides). Norms: s = x (+ residual), weight and the float32 row statistics.
 - feed_forward: x, the weights and h = x·w1ᵀ (before bias and activation); the activation
   act(h + b1) is recomputed in the backward by the fused epilogue instead of being kept alive.
 
@@ -24,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from fastattn.utils import no_double_backward
+from fastattn.reference import GATED_ACTIVATIONS
+from fastattn.utils import no_double_backward, zero_hidden_scores
 
 _import_error: str | None = None
 try:
@@ -89,7 +91,7 @@ def _register_fakes() -> None:
 
     @register("fastattn::ffn_act_fwd")
     def _(h, bias, activation, dropout_p, seed):
-        gated = activation in ("swiglu", "geglu")
+        gated = activation in GATED_ACTIVATIONS
         return h.new_empty(h.shape[0], h.shape[1] // 2 if gated else h.shape[1])
 
     @register("fastattn::ffn_act_bwd")
@@ -139,19 +141,24 @@ def _attention_backward(ctx, dout, _dlse):
 
 
 def _softmax_setup(ctx, inputs, output):
-    _x, _mask, scale, _is_causal, log = inputs
-    ctx.save_for_backward(output)
-    ctx.args = (scale, log)
+    _x, mask, scale, is_causal, log = inputs
+    # log_softmax: the bool mask marks the scores x does not reach (zero gradient, utils.zero_hidden_scores)
+    hidden = mask if log and mask is not None and mask.dtype == torch.bool else None
+    ctx.save_for_backward(output, hidden)
+    ctx.args = (scale, log, log and is_causal)
 
 
 @no_double_backward("softmax")
 def _softmax_backward(ctx, dy):
-    (y,) = ctx.saved_tensors
-    scale, log = ctx.args
+    y, hidden = ctx.saved_tensors
+    scale, log, causal = ctx.args
     if not ctx.needs_input_grad[1]:
-        return torch.ops.fastattn.softmax_bwd(dy, y, scale, log), None, None, None, None
+        dx = torch.ops.fastattn.softmax_bwd(dy, y, scale, log)
+        return (zero_hidden_scores(dx, hidden, causal) if log else dx), None, None, None, None
     # A float mask that requires grad is added to the scaled scores: its gradient is the scores'.
     dscores = torch.ops.fastattn.softmax_bwd(dy, y, 1.0, log)
+    if log:
+        dscores = zero_hidden_scores(dscores, None, causal)
     dx = dscores * scale if ctx.needs_input_grad[0] else None
     return dx, dscores, None, None, None
 

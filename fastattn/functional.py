@@ -233,6 +233,10 @@ def scaled_dot_product_attention(
     (``torch.manual_seed`` reproduces it) and scales the kept ones by 1/(1 - dropout_p); the backward
     regenerates the same mask. ``scale`` defaults to 1/sqrt(D).
 
+    NaN in, NaN out, as torch (a NaN query row, a NaN scale), except that a row the bool mask or
+    ``is_causal`` leaves without a key stays zeros. Head dim D = 0 (Dv > 0): every score is 0, so a
+    row is the mean of the values it sees, as torch gives.
+
     The backend is chosen by ``fastattn.use_backend`` / ``FASTATTN_BACKEND``, else automatically.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -277,6 +281,8 @@ def scaled_dot_product_attention(
         _check_mask("attn_mask", attn_mask, (*batch, h_q, n_q, n_k), query.device)
 
     query, key, value = _autocast(query.device.type, query, key, value)
+    if d == 0 and query.size(-2) > 0 and n_k > 0 and value.numel() > 0:
+        return _attention_head_dim_0(query, key, value, attn_mask, dropout_p, is_causal, scale, out_shape)
     if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
         # Nq = 0 or B = 0: nothing to compute; Nk = 0: every row is fully masked, so zeros.
         return _empty_like_graph(out_shape, query, query, key, value)
@@ -290,6 +296,28 @@ def scaled_dot_product_attention(
         mask = attn_mask.expand(*batch, h_q, n_q, n_k).reshape(b, h_q, n_q, n_k)
     seed = _dropout_seed(dropout_p, q.device)
     out = dispatch.call("attention", q.device, q, k, v, mask, scale, bool(is_causal), dropout_p, seed)
+    return out.reshape(out_shape)
+
+
+def _attention_head_dim_0(query, key, value, attn_mask, dropout_p, is_causal, scale, out_shape):
+    """Head dim 0 (D = 0, Dv > 0): every score is 0, so each row averages the values it sees (masks
+    and is_causal apply), as torch does. No kernel takes D = 0: the reference math runs, on any
+    backend, with its gradients and the kernels' dropout RNG."""
+    batch, (h_q, n_q), (h_kv, n_k) = query.shape[:-3], query.shape[-3:-1], key.shape[-3:-1]
+    b = math.prod(batch)
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.expand(*batch, h_q, n_q, n_k).reshape(b, h_q, n_q, n_k)
+    out = reference._attention_op(
+        query.reshape(b, h_q, n_q, 0),
+        key.reshape(b, h_kv, n_k, 0),
+        value.reshape(b, h_kv, n_k, value.size(-1)),
+        mask,
+        scale,
+        bool(is_causal),
+        dropout_p,
+        _dropout_seed(dropout_p, query.device),
+    )
     return out.reshape(out_shape)
 
 
@@ -325,6 +353,8 @@ def _softmax(x, dim, scale, mask, is_causal, log):
             mask = mask & causal
         else:
             mask = mask.masked_fill(~causal, float("-inf"))
+            if log and x.requires_grad:  # x does not reach the hidden scores: no gradient there, as for dim=-1
+                x = torch.where(causal, x, x.detach())
         is_causal = False
     x_rows = x.movedim(dim, -1)
     mask_rows = None if mask is None else mask.expand(x.shape).movedim(dim, -1)
@@ -344,7 +374,11 @@ def softmax(x, dim=-1, *, scale=None, mask=None, is_causal=False):
 
 
 def log_softmax(x, dim=-1, *, scale=None, mask=None, is_causal=False):
-    """log(softmax(x·scale + mask)) along ``dim``; a fully masked row gives -inf (log of zeros)."""
+    """log(softmax(x·scale + mask)) along ``dim``; a fully masked row gives -inf (log of zeros).
+
+    The gradient is torch's dy - exp(y)·Σdy (times scale) on every backend: dy·scale at a -inf
+    output that comes from x or a float mask (a fully masked row included), 0 where the bool mask or
+    ``is_causal`` hides the score."""
     return _softmax(x, dim, scale, mask, is_causal, log=True)
 
 
@@ -358,8 +392,10 @@ def feed_forward(x, w1, b1=None, w2=None, b2=None, *, activation="gelu", dropout
 
     Shapes: x (..., d_model); w1 (hidden, d_model), or (2·hidden, d_model) for the gated
     ``swiglu``/``geglu`` whose first ``hidden`` rows are the gate's (act(gate)·up); b1 (w1 rows,);
-    w2 (d_out, hidden); b2 (d_out,). Activations: relu, gelu (exact), gelu_tanh, silu, swiglu,
-    geglu. ``dropout_p`` drops the activation (before the second GEMM), as nn.Transformer does.
+    w2 (d_out, hidden); b2 (d_out,). Activations: relu, gelu (exact, erf), gelu_tanh (tanh
+    approximation), silu, and the gated swiglu (silu gate), geglu (exact erf-gelu gate) and geglu_tanh
+    (tanh-gelu gate: Hugging Face's gelu_pytorch_tanh as in Gemma, Liger-Kernel's GEGLU).
+    ``dropout_p`` drops the activation (before the second GEMM), as nn.Transformer does.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")

@@ -15,8 +15,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu")
-GATED_ACTIVATIONS = ("swiglu", "geglu")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_tanh")
+# Gated: the first half of h's columns (w1's first rows) is the gate, act(gate)·up. swiglu gates with
+# silu, geglu with the exact (erf) gelu, geglu_tanh with gelu's tanh approximation (Hugging Face's
+# gelu_pytorch_tanh gate of Gemma, Liger-Kernel's GEGLU).
+GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
+_GATE_FUNCTION = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,18 +92,23 @@ def attention(
 def softmax(x, dim=-1, scale=None, mask=None, is_causal=False, log=False):
     """softmax(x·scale + mask) along ``dim``; ``is_causal`` masks j > i over the last two dims.
 
-    A fully masked row gives zeros (softmax) or -inf (log_softmax, the log of those zeros).
+    A fully masked row gives zeros (softmax) or -inf (log_softmax, the log of those zeros). A NaN
+    in a row makes the row NaN, as torch.
     """
     s = x * scale if scale is not None else x
-    if is_causal:
-        s = s.masked_fill(~causal_mask(x.size(-2), x.size(-1), x.device), float("-inf"))
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(s.dtype)
+    if is_causal:  # after the mask: a float mask gets no gradient where the causal mask hides it
+        s = s.masked_fill(~causal_mask(x.size(-2), x.size(-1), x.device), float("-inf"))
     if not log:
         return masked_softmax(s, dim)
+    # s - logsumexp(s), with a fully masked row's logsumexp taken as 0 (its output the log of zeros):
+    # the gradient is torch's dy - exp(y)·Σdy everywhere, so dy at a -inf score (of x or of a float
+    # mask), fully masked rows included; positions hidden by the bool mask or is_causal get 0 through
+    # masked_fill. No NaN enters the backward.
     fully_masked = (s == float("-inf")).all(dim=dim, keepdim=True)
-    out = torch.log_softmax(s.masked_fill(fully_masked, 0.0), dim=dim)  # no NaN into the backward
-    return out.masked_fill(fully_masked, float("-inf"))
+    lse = torch.logsumexp(s.masked_fill(fully_masked, 0.0), dim=dim, keepdim=True)
+    return s - lse.masked_fill(fully_masked, 0.0)
 
 
 def log_softmax(x, dim=-1, scale=None, mask=None, is_causal=False):
@@ -112,10 +121,11 @@ def log_softmax(x, dim=-1, scale=None, mask=None, is_causal=False):
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """The FFN's activation. Gated ones split h's last dim: the gate's half first, act(gate)·up."""
+    """The FFN's activation. Gated ones split h's last dim: the gate's half first, act(gate)·up.
+    ``gelu`` and ``geglu`` use the exact (erf) gelu, ``gelu_tanh`` and ``geglu_tanh`` its tanh form."""
     if activation in GATED_ACTIVATIONS:
         gate, up = h.chunk(2, dim=-1)
-        return activate(gate, "silu" if activation == "swiglu" else "gelu") * up
+        return activate(gate, _GATE_FUNCTION[activation]) * up
     if activation == "relu":
         return F.relu(h)
     if activation == "gelu":

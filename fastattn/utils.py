@@ -93,3 +93,16 @@ def no_double_backward(op: str):
         return wrapper
 
     return decorate
+
+
+def zero_hidden_scores(grad: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    """log_softmax's gradient with zeros where a bool mask (False) or ``is_causal`` (column j > row i)
+    hides the score: the output does not depend on x there. The kernels' backward, which sees only
+    y, gives torch's dy - exp(y)·Σdy, that is dy at every -inf output; a -inf coming from x or from a
+    float mask keeps that dy, as torch's log_softmax of x + mask does."""
+    if mask is not None and mask.dtype == torch.bool:
+        grad = grad.masked_fill(~mask, 0.0)
+    if is_causal:
+        rows, cols = grad.size(-2), grad.size(-1)
+        grad = grad.masked_fill(torch.ones(rows, cols, dtype=torch.bool, device=grad.device).triu(1), 0.0)
+    return grad

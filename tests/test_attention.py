@@ -466,6 +466,65 @@ def test_empty_inputs(backend, shape):
         assert g.shape == t.shape and (g == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["none", "causal", "bool", "float", "gqa"])
+def test_head_dim_zero_averages_the_visible_values(backend, kind):
+    """D = 0 (Dv > 0): every score is 0, so a row is the mean of the values it sees, as torch gives
+    (fastattn gave zeros, issue 16 item 13); gradients too."""
+    q, k, v = _qkv(2, 4 if kind == "gqa" else 2, 2, 7, 9, 0, 5)
+    kwargs = {"is_causal": kind == "causal", "enable_gqa": kind == "gqa"}
+    if kind == "bool":
+        mask = torch.rand(2, 1, 7, 9, device=DEVICE) > 0.4
+        mask[..., 0] = True
+        kwargs["attn_mask"] = mask
+    elif kind == "float":
+        kwargs["attn_mask"] = torch.randn(7, 9, device=DEVICE)
+    out = _forced(backend, lambda: fastattn.scaled_dot_product_attention(q, k, v, **kwargs))
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*leaves, **kwargs)
+    torch.testing.assert_close(out, expected)
+    if kind == "none":
+        torch.testing.assert_close(out, v.mean(-2, keepdim=True).expand_as(out))
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(expected, leaves, dout)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_query_row_or_scale_gives_nan_as_torch(backend):
+    """NaN in, NaN out, as torch's SDPA: a NaN query row gives a NaN output row (the others stay
+    exact), a NaN scale NaN in every row that sees a key; a fully masked row still gives zeros
+    (fastattn's rule; torch's math kernel gives NaN there under a NaN scale). Issue 16 item 12."""
+    q, k, v = _qkv(1, 2, 2, 9, 11, 16)
+    q = q.detach().clone()
+    q[0, 1, 4] = float("nan")
+    mask = torch.ones(1, 1, 9, 11, dtype=torch.bool, device=DEVICE)
+    mask[..., 6, :] = False  # a fully masked row
+    q.requires_grad_()
+    out = _forced(backend, lambda: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    expected = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), attn_mask=mask)
+    assert out[0, 1, 4].isnan().all()
+    assert torch.equal(out[:, :, 6], torch.zeros_like(out[:, :, 6]))
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert dq[0, 1, 4].isnan().all() and dk[0, 1].isnan().all() and dv[0, 1].isnan().all()
+    assert torch.isfinite(dq[0, 0]).all() and torch.isfinite(dk[0, 0]).all() and torch.isfinite(dv[0, 0]).all()
+    for is_causal in (False, True):
+        out = _forced(
+            backend,
+            lambda causal=is_causal: fastattn.scaled_dot_product_attention(
+                q.detach(), k, v, attn_mask=mask, scale=float("nan"), is_causal=causal
+            ),
+        )
+        live = torch.ones(9, dtype=torch.bool)
+        live[6] = False
+        assert out[:, :, live].isnan().all(), is_causal
+        assert torch.equal(out[:, :, 6], torch.zeros_like(out[:, :, 6])), is_causal
+
+
 def test_triton_op_without_keys_gives_zeros_and_infinite_lse():
     if fastattn.backends()["triton"] is not None:
         pytest.skip(f"triton: {fastattn.backends()['triton']}")

@@ -99,6 +99,66 @@ def test_matches_oracle(backend, dtype, activation, bias):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_geglu_tanh_is_the_tanh_gelu_gate(backend):
+    """geglu_tanh = gelu_tanh(gate)·up with the gate's rows first (Hugging Face's gelu_pytorch_tanh
+    gate of Gemma, Liger-Kernel's GEGLU), written here with torch directly, not the oracle; geglu uses
+    the exact erf gelu, which differs measurably (issue 16 item 5)."""
+    args = _make((5, 7), D_MODEL, HIDDEN, D_OUT, "geglu_tanh", torch.float32, _device(backend))
+    _skip_unless_served(backend, args, "geglu_tanh")
+    x, w1, b1, w2, b2 = args
+    args[0] = x = (x.detach() * 3).requires_grad_()  # wide pre-activations: the two gelus differ there
+    out = _run(backend, args, "geglu_tanh")
+    leaves = [t.detach().cpu().double().requires_grad_() for t in args]
+    xd, w1d, b1d, w2d, b2d = leaves
+    gate, up = F.linear(xd, w1d[:HIDDEN], b1d[:HIDDEN]), F.linear(xd, w1d[HIDDEN:], b1d[HIDDEN:])
+    expected = F.linear(F.gelu(gate, approximate="tanh") * up, w2d, b2d)
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-4, atol=1e-4)
+    exact = F.linear(F.gelu(gate) * up, w2d, b2d)
+    assert (exact - expected).abs().max() > 1e-3  # so the check above tells the two apart
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, args, dout)
+    want = torch.autograd.grad(expected, leaves, dout.cpu().double())
+    for name, g, w in zip(("x", "w1", "b1", "w2", "b2"), got, want):
+        torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu", "geglu_tanh"])
+def test_nan_in_nan_out(backend, activation):
+    """A NaN input row gives a NaN output row, as torch's Linear -> act -> Linear (the fused relu
+    turned NaN into 0, issue 16 item 12); the other rows are unaffected."""
+    args = _make((6,), D_MODEL, HIDDEN, D_OUT, activation, torch.float32, _device(backend))
+    _skip_unless_served(backend, args, activation)
+    x = args[0].detach().clone()
+    x[2, 3] = float("nan")
+    args[0] = x.requires_grad_()
+    out = _run(backend, args, activation)
+    leaves = [t.detach().requires_grad_() for t in args]
+    expected = reference.feed_forward(*leaves, activation)
+    assert out[2].isnan().all()
+    torch.testing.assert_close(out, expected, equal_nan=True, rtol=1e-4, atol=1e-4)
+    dout = torch.randn_like(out)
+    (dx,) = torch.autograd.grad(out, args[0], dout)
+    (dx_torch,) = torch.autograd.grad(expected, leaves[0], dout)  # relu: finite (torch passes dy at NaN)
+    torch.testing.assert_close(dx, dx_torch, equal_nan=True, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(dx[[0, 1, 3, 4, 5]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relu_of_nan_pre_activation(backend):
+    """relu(NaN) = NaN, as torch.relu: a NaN bias entry makes one NaN column of h, which reaches
+    every output through w2 (the fused relu made it 0, and the output finite)."""
+    args = _make((4,), D_MODEL, HIDDEN, D_OUT, "relu", torch.float32, _device(backend))
+    _skip_unless_served(backend, args, "relu")
+    b1 = args[2].detach().clone()
+    b1[5] = float("nan")
+    args[2] = b1.requires_grad_()
+    out = _run(backend, args, "relu")
+    expected = reference.feed_forward(*[t.detach() for t in args], "relu")
+    assert expected.isnan().all() and out.isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("layout", ["x_transposed", "x_sliced", "weights_transposed", "leading_dims"])
 def test_strided_inputs(backend, activation, layout):

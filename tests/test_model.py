@@ -164,7 +164,12 @@ def test_init_statistics_and_initial_loss(preset, init_std):
 
 
 def test_post_norm_and_rmsnorm_build_and_train_step():
-    for overrides in (dict(pre_norm=False), dict(norm="rmsnorm"), dict(activation="swiglu", bias=True)):
+    for overrides in (
+        dict(pre_norm=False),
+        dict(norm="rmsnorm"),
+        dict(activation="swiglu", bias=True),
+        dict(activation="geglu_tanh"),
+    ):
         cfg = ModelConfig.preset("tiny", **overrides)
         model = Transformer(cfg)
         idx = torch.randint(0, 256, (2, 8))

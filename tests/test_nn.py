@@ -23,7 +23,7 @@ from helpers import DEVICE, INTERPRETING, assert_rule, backend_params
 import fastattn
 import fastattn.nn as fnn
 from fastattn import dispatch
-from fastattn.reference import ACTIVATIONS, activate
+from fastattn.reference import ACTIVATIONS, GATED_ACTIVATIONS, activate
 
 E, H = 32, 2  # embed dim, heads: head dim 16 suits every kernel
 N, L, S = 2, 5, 6  # batch, target length, source length
@@ -601,7 +601,7 @@ class TorchFeedForward(torch.nn.Module):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_feed_forward_matches_torch(activation, backend):
     fast = fnn.FeedForward(E, 48, activation=activation, bias=activation != "relu")
-    gated = activation in ("swiglu", "geglu")
+    gated = activation in GATED_ACTIVATIONS
     assert fast.fc1.weight.shape == ((96 if gated else 48), E) and fast.fc2.weight.shape == (E, 48)
     assert (fast.fc1.bias is None) == (activation == "relu")
     x = torch.randn(N, L, E, dtype=torch.float64)

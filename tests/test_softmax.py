@@ -207,10 +207,10 @@ def test_float_mask_broadcast_and_its_gradient(backend, log):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 def test_float_mask_with_minus_inf_rows(backend, log):
-    """-inf in a float mask masks like False in a bool one: zeros (log: -inf) and zero gradients
-    there, a fully masked row included. The oracle differs on purpose at those places (torch's
-    softmax of an all -inf row is NaN, and log_softmax passes dy through an added -inf), so the
-    rule runs on the live elements and the masked ones are checked to be exactly 0."""
+    """-inf in a float mask masks like False in a bool one: zeros (log: -inf), a fully masked row
+    included (torch's softmax of an all -inf row is NaN). The rule runs on the live elements; the
+    masked ones are checked exactly: softmax passes no gradient there, log_softmax passes dy (torch's
+    dy - exp(y)·Σdy at y = -inf; test_log_softmax_gradient_at_minus_inf checks those against torch)."""
     _require_kernel(backend)
     fn = fastattn.log_softmax if log else fastattn.softmax
     bias = rand(4, 1, 17, scale=1.0)
@@ -220,8 +220,71 @@ def test_float_mask_with_minus_inf_rows(backend, log):
     live = torch.isfinite(bias).expand(4, 3, 17)
     out, (dx,) = check(backend, lambda x, m: fn(x, mask=m), x, bias.half(), rows=live)
     assert torch.all(out[~live] == (float("-inf") if log else 0.0))
-    if backend != "reference":  # the naive log_softmax passes dy through an added -inf (torch's autograd)
+    if not log:
         assert torch.all(dx[~live] == 0)
+
+
+def _torch_log_softmax_grads(x, dy, scale, bias=None, keep=None, causal=False):
+    """dx of torch's log_softmax(x·scale + bias), x·scale masked_fill'ed where ``keep`` is False or
+    above the diagonal (the composition a torch user writes), in float64."""
+    x = x.detach().cpu().double().requires_grad_()
+    s = x * scale
+    if bias is not None:
+        s = s + bias.cpu().double()
+    if keep is not None:
+        s = s.masked_fill(~keep.cpu(), float("-inf"))
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    (dx,) = torch.autograd.grad(torch.log_softmax(s, -1), x, dy.cpu().double())
+    return dx
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_softmax_gradient_at_minus_inf(backend):
+    """One answer on every backend, torch's: at an output of -inf, dx = dy·scale when the -inf comes
+    from x or from a float mask (dy - exp(y)·Σdy with exp(y) = 0), a fully masked row included; 0
+    where a bool mask or is_causal hides the score (x does not reach the output there). Was 0 on the
+    kernels for a float -inf and dy on the reference (issue 16, item 14)."""
+    _require_kernel(backend)
+    x = rand(3, 5, 11)
+    x[0, 1, 4] = float("-inf")
+    bias = rand(1, 5, 11, scale=1.0)
+    bias[..., 2::4] = float("-inf")  # column 0 stays live: causal row 0 sees only it
+    full_bias = bias.expand(3, 5, 11).clone()
+    full_bias[1, 2] = float("-inf")  # a fully masked row
+    keep = torch.rand(3, 1, 11, device=DEVICE) > 0.4
+    keep[..., 0] = True
+    dy = torch.randn(3, 5, 11, device=DEVICE)
+    for kwargs, torch_kwargs in (
+        (dict(mask=bias, scale=0.5), dict(bias=bias, scale=0.5)),
+        (dict(mask=keep, scale=0.7), dict(keep=keep, scale=0.7)),
+        (dict(is_causal=True, scale=1.3), dict(causal=True, scale=1.3)),
+        (dict(mask=bias, is_causal=True, scale=1.0), dict(bias=bias, causal=True, scale=1.0)),
+    ):
+        xx = x.clone().requires_grad_()
+        with fastattn.use_backend(backend):
+            (dx,) = torch.autograd.grad(fastattn.log_softmax(xx, **kwargs), xx, dy)
+        expected = _torch_log_softmax_grads(x, dy, **torch_kwargs)
+        torch.testing.assert_close(dx.cpu().double(), expected, rtol=1e-5, atol=1e-5, msg=lambda m, kw=kwargs: f"{kw}: {m}")
+    xx = x.clone().requires_grad_()
+    with fastattn.use_backend(backend):  # the fully masked row (torch: NaN) gets dy·scale, torch's formula
+        (dx,) = torch.autograd.grad(fastattn.log_softmax(xx, mask=full_bias, scale=0.5), xx, dy)
+    torch.testing.assert_close(dx[1, 2], dy[1, 2] * 0.5)
+    live = torch.ones(3, 5, dtype=torch.bool)
+    live[1, 2] = False
+    expected = _torch_log_softmax_grads(x, dy, 0.5, bias=full_bias)
+    torch.testing.assert_close(dx.cpu().double()[live], expected[live], rtol=1e-5, atol=1e-5)
+    # along another dim the causal mask is built as a mask: still no gradient to the hidden x
+    x8 = rand(8, 8).requires_grad_()
+    fmask = rand(8, 8, scale=1.0)
+    dy8 = torch.randn(8, 8, device=DEVICE)
+    with fastattn.use_backend(backend):
+        (dx,) = torch.autograd.grad(fastattn.log_softmax(x8, dim=0, mask=fmask, is_causal=True), x8, dy8)
+    x64 = x8.detach().cpu().double().requires_grad_()
+    s = (x64 + fmask.cpu().double()).masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), float("-inf"))
+    (expected,) = torch.autograd.grad(torch.log_softmax(s, 0), x64, dy8.cpu().double())
+    assert torch.all(dx.cpu()[torch.ones(8, 8, dtype=torch.bool).triu(1)] == 0)
+    torch.testing.assert_close(dx.cpu().double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -293,6 +356,14 @@ def test_long_path_with_masks_and_causal(tiny_long_path, log):
     bias = rand(1, 1, 50, scale=2.0)
     check("triton", lambda x, m: fn(x, mask=m), rand(2, 2, 50), bias, grad_on=(0, 1))
     check("triton", lambda x: fn(x, dim=0), rand(40, 20, dtype=torch.bfloat16))  # tall tiles, streamed
+    if log:  # the segmented backward gives torch's dy·scale at a -inf (float mask) output too
+        bias[..., 1::5] = float("-inf")
+        x = rand(2, 2, 50).requires_grad_()
+        dy = torch.randn(2, 2, 50, device=DEVICE)
+        with fastattn.use_backend("triton"):
+            (dx,) = torch.autograd.grad(fn(x, mask=bias, scale=0.5), x, dy)
+        expected = _torch_log_softmax_grads(x, dy, 0.5, bias=bias)
+        torch.testing.assert_close(dx.cpu().double(), expected, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,6 +383,29 @@ def test_nan_propagates_to_its_row_only(backend, log):
     expected = torch.log_softmax(x, -1) if log else torch.softmax(x, -1)
     assert out[1].isnan().all()
     torch.testing.assert_close(out[[0, 2, 3]], expected[[0, 2, 3]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_all_nan_row_gives_nan_and_masked_row_zeros(backend, log):
+    """NaN in, NaN out, as torch: an all-NaN row (the cpu backend gave zeros, issue 16 item 12) and a
+    NaN row with masked entries; a fully masked row still gives zeros (log: -inf), never NaN."""
+    _require_kernel(backend)
+    fn = fastattn.log_softmax if log else fastattn.softmax
+    x = rand(5, 40)
+    x[1] = float("nan")
+    x[2, ::2] = float("nan")
+    keep = torch.ones(5, 40, dtype=torch.bool, device=DEVICE)
+    keep[2, 1::2] = False  # row 2: its NaNs are the only live values
+    keep[3] = False
+    with fastattn.use_backend(backend):
+        out = fn(x, mask=keep)
+        plain = fn(x)
+    assert out[1].isnan().all() and out[2].isnan().all() and plain[1].isnan().all()
+    assert torch.all(out[3] == (float("-inf") if log else 0.0))
+    expected = torch.log_softmax(x, -1) if log else torch.softmax(x, -1)
+    torch.testing.assert_close(out[[0, 4]], expected[[0, 4]])
+    torch.testing.assert_close(plain, expected, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -166,7 +166,8 @@ void forward_block(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t b
       const int64_t i = i0 + r;
       float* s = scores + r * kFwdBlockK;
       p.mask_row(s, cols, b, h, i, j0);
-      const float m_new = std::max(row_m[r], row_max(s, cols));
+      const float block_max = row_max(s, cols);  // NaN (a NaN query row or scale) stays NaN: std::max
+      const float m_new = std::max(block_max, row_m[r]);  // returns its first argument when unordered
       if (m_new == -kInf) {  // nothing visible yet: this block adds nothing
         std::fill(s, s + cols, 0.f);
         continue;

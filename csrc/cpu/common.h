@@ -19,6 +19,7 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // ---- row primitives on fp32 (vecmath.cpp: compiled for AVX2+FMA and for the baseline ISA) ----
 
+// The row's max, -inf for an empty or fully masked row, NaN when any value is NaN.
 float row_max(const float* x, int64_t n);
 // x <- exp(x - shift) and returns the sum; exp(-inf) = 0, so masked entries vanish.
 float exp_shift_sum(float* x, int64_t n, float shift);

@@ -2,7 +2,7 @@
 // and its backward. The GEMMs themselves run in ATen (BLAS) around these ops (fastattn/ext.py).
 //
 // h = x w1^T (M, H1), any strides. Plain activations: a = act(h + bias), (M, H1). Gated ones
-// (swiglu: silu, geglu: exact gelu) split the columns, the gate's first: a = act(gate) * up,
+// (swiglu: silu, geglu: exact erf gelu, geglu_tanh: tanh-approximated gelu) split the columns, the gate's first: a = act(gate) * up,
 // (M, H1 / 2). Dropout keeps a[row, col] by the RNG of dropout_rng.h at offset row * hidden + col and
 // scales kept values by 1 / (1 - p). The backward returns d(h + bias), (M, H1), in h's dtype.
 #include <torch/library.h>
@@ -17,7 +17,7 @@
 namespace fastattn::cpu {
 namespace {
 
-enum class Act { kRelu, kGelu, kGeluTanh, kSilu, kSwiglu, kGeglu };
+enum class Act { kRelu, kGelu, kGeluTanh, kSilu, kSwiglu, kGeglu, kGegluTanh };
 
 Act parse_activation(const std::string& name) {
   if (name == "relu") return Act::kRelu;
@@ -26,14 +26,22 @@ Act parse_activation(const std::string& name) {
   if (name == "silu") return Act::kSilu;
   if (name == "swiglu") return Act::kSwiglu;
   if (name == "geglu") return Act::kGeglu;
-  TORCH_CHECK_VALUE(false, "fastattn ffn: activation must be relu, gelu, gelu_tanh, silu, swiglu or geglu, got '",
+  if (name == "geglu_tanh") return Act::kGegluTanh;
+  TORCH_CHECK_VALUE(false,
+                    "fastattn ffn: activation must be relu, gelu, gelu_tanh, silu, swiglu, geglu or geglu_tanh, got '",
                     name, "'");
 }
 
-bool is_gated(Act act) { return act == Act::kSwiglu || act == Act::kGeglu; }
+bool is_gated(Act act) { return act == Act::kSwiglu || act == Act::kGeglu || act == Act::kGegluTanh; }
 
-// The function under the gate: swiglu gates with silu, geglu with the exact gelu.
-Act base_activation(Act act) { return act == Act::kSwiglu ? Act::kSilu : act == Act::kGeglu ? Act::kGelu : act; }
+// The function under the gate: swiglu gates with silu, geglu with the exact (erf) gelu, geglu_tanh with the
+// tanh approximation (HF's gelu_pytorch_tanh, Liger's GEGLU).
+Act base_activation(Act act) {
+  if (act == Act::kSwiglu) return Act::kSilu;
+  if (act == Act::kGeglu) return Act::kGelu;
+  if (act == Act::kGegluTanh) return Act::kGeluTanh;
+  return act;
+}
 
 constexpr float kSqrtHalf = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
@@ -43,7 +51,7 @@ constexpr float kTanhCubic = 0.044715f;
 // The activations and their derivatives, branch-free on simd:: math so that the row loops vectorise.
 template <Act A>
 FASTATTN_INLINE float activate(float x) {
-  if constexpr (A == Act::kRelu) return x > 0.f ? x : 0.f;
+  if constexpr (A == Act::kRelu) return x < 0.f ? 0.f : x;  // NaN stays NaN, as torch.relu
   if constexpr (A == Act::kGelu) return 0.5f * x * (1.f + simd::erf(x * kSqrtHalf));
   if constexpr (A == Act::kGeluTanh) return 0.5f * x * (1.f + simd::tanh(kTanhScale * (x + kTanhCubic * x * x * x)));
   if constexpr (A == Act::kSilu) return x * simd::sigmoid(x);
@@ -52,7 +60,7 @@ FASTATTN_INLINE float activate(float x) {
 
 template <Act A>
 FASTATTN_INLINE float activate_grad(float x) {
-  if constexpr (A == Act::kRelu) return x > 0.f ? 1.f : 0.f;
+  if constexpr (A == Act::kRelu) return x <= 0.f ? 0.f : 1.f;  // at NaN the gradient passes, as torch's
   if constexpr (A == Act::kGelu) {
     return 0.5f * (1.f + simd::erf(x * kSqrtHalf)) + x * kInvSqrt2Pi * simd::exp(-0.5f * x * x);
   }

@@ -17,14 +17,16 @@ namespace {
 // Rows per parallel chunk: about 32K elements each, so short rows are not one task apiece.
 int64_t grain_rows(int64_t row_len) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_len, 1)); }
 
-// d log_softmax of one row: dx = scale * (dy - exp(y) * sum(dy)); an entry with y = -inf (masked)
-// does not depend on x, so its gradient is 0. g holds dy on entry and dx on return.
+// d log_softmax of one row: dx = scale * (dy - exp(y) * sum(dy)), torch's formula everywhere: where
+// y = -inf (a -inf score, fully masked rows included) exp(y) = 0 and dx = scale * dy. Positions a bool
+// or causal mask hides get their zero gradient in the autograd (fastattn/ext.py), which sees the mask.
+// g holds dy on entry and dx on return.
 FASTATTN_CLONES void log_softmax_grad_row(float* g, const float* y, int64_t n, float scale) {
   float total = 0.f;
 #pragma omp simd reduction(+ : total)
   for (int64_t j = 0; j < n; ++j) total += g[j];
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) g[j] = y[j] == -kInf ? 0.f : scale * (g[j] - simd::exp(y[j]) * total);
+  for (int64_t j = 0; j < n; ++j) g[j] = scale * (g[j] - simd::exp(y[j]) * total);
 }
 
 // Applies a mask row (any dtype, strided) to the scaled scores s.
@@ -62,7 +64,7 @@ void softmax_rows(const at::Tensor& x, const at::Tensor* mask, float scale, bool
       if (mask_data) apply_mask_row(s, mask_data + mask_rows(row), n, mask_stride);
       T* out = y_data + row * n;
       const float m = row_max(s, n);
-      if (m == -kInf) {  // fully masked: zeros, or the log of zeros
+      if (m == -kInf) {  // fully masked: zeros, or the log of zeros (a NaN row has m = NaN: NaN out)
         std::fill(out, out + n, static_cast<T>(log ? -kInf : 0.f));
         continue;
       }

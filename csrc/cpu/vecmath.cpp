@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 #include "common.h"
 #include "simd.h"
@@ -17,9 +18,13 @@ float exp_scalar(float x) { return simd::exp(x); }
 
 FASTATTN_CLONES float row_max(const float* x, int64_t n) {
   float m = -kInf;
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;  // (std::max's reference blocks vectorisation)
-  return m;
+  int nans = 0;  // counted beside the max: a max reduction would drop them
+#pragma omp simd reduction(max : m) reduction(+ : nans)
+  for (int64_t i = 0; i < n; ++i) {
+    m = x[i] > m ? x[i] : m;  // (std::max's reference blocks vectorisation)
+    nans += x[i] != x[i];
+  }
+  return nans ? std::numeric_limits<float>::quiet_NaN() : m;  // NaN in, NaN out (as torch)
 }
 
 FASTATTN_CLONES float exp_shift_sum(float* x, int64_t n, float shift) {

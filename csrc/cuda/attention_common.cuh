@@ -62,7 +62,10 @@ __device__ __forceinline__ float masked_score_log2(float dot, const AttentionSha
   float x = dot * scale_log2;
   if (sh.mask_kind != MaskKind::kNone) {
     const int64_t offset = b * sh.mask_sb + h * sh.mask_sh + i * sh.mask_sq + j * sh.mask_sk;
-    x += mask_bias(sh.mask, sh.mask_kind, offset) * kLog2e;
+    const float bias = mask_bias(sh.mask, sh.mask_kind, offset);
+    // a key the bool mask hides is -inf even under a NaN score (NaN query row or scale): a fully masked
+    // row stays zeros, as on the other backends
+    x = sh.mask_kind == MaskKind::kBool && bias == -kInf ? -kInf : x + bias * kLog2e;
   }
   return x;
 }

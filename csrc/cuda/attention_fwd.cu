@@ -40,9 +40,10 @@ __device__ __forceinline__ int visible_keys(const AttentionShape& sh, int q0, in
   return sh.causal ? min(sh.len_k, q0 + block_rows) : sh.len_k;
 }
 
-// lse of a finished row (max in log2 units, sum of exp2): natural log, +inf when fully masked.
+// lse of a finished row (max in log2 units, sum of exp2): natural log, +inf when fully masked, NaN when
+// a score was NaN (a NaN query row or scale: the sum is NaN), so the backward gives NaN too.
 __device__ __forceinline__ float row_lse(float row_max_log2, float row_sum) {
-  return row_sum > 0.f ? (row_max_log2 + log2f(row_sum)) * kLn2 : kInf;
+  return row_sum == 0.f ? kInf : (row_max_log2 + log2f(row_sum)) * kLn2;
 }
 
 // =============================================================================================
@@ -203,7 +204,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float total = group_sum<4>(row_sum[r]);
-    const float inv = total > 0.f ? 1.f / total : 0.f;
+    const float inv = total == 0.f ? 0.f : 1.f / total;  // a NaN total gives NaN
     const int i = qb.q0 + warp_row0 + group + r * 8;
     if (i < sh.len_q) {
 #pragma unroll
@@ -310,7 +311,7 @@ __global__ void __launch_bounds__(128) attention_fwd_simple_kernel(const Attenti
 
   const float total = group_sum<kRowThreads>(row_sum);
   if (i < sh.len_q) {
-    const float inv = total > 0.f ? 1.f / total : 0.f;
+    const float inv = total == 0.f ? 0.f : 1.f / total;  // a NaN total gives NaN
     T* out_row = static_cast<T*>(p.out.ptr) + qb.b * p.out.sb + qb.h * p.out.sh + i * p.out.sn;
 #pragma unroll
     for (int u = 0; u < kColsPerThread; ++u) {

@@ -32,13 +32,14 @@ struct ActValue {
 __device__ __forceinline__ ActValue activate(Activation act, float x) {
   switch (act) {
     case Activation::kRelu:
-      return {x > 0.f ? x : 0.f, x > 0.f ? 1.f : 0.f};
+      return {x < 0.f ? 0.f : x, x <= 0.f ? 0.f : 1.f};  // NaN stays NaN and passes its gradient, as torch
     case Activation::kGelu:
     case Activation::kGeglu: {
       const float cdf = 0.5f * erfcf(-x * kSqrtHalf);  // Φ(x) without the 1 + erf cancellation
       return {x * cdf, cdf + x * kInvSqrt2Pi * expf(-0.5f * x * x)};
     }
-    case Activation::kGeluTanh: {
+    case Activation::kGeluTanh:
+    case Activation::kGegluTanh: {
       const float t = accurate_tanh(kSqrt2OverPi * (x + kGeluTanhCubic * x * x * x));
       const float dinner = kSqrt2OverPi * (1.f + 3.f * kGeluTanhCubic * x * x);
       return {0.5f * x * (1.f + t), 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * dinner};

@@ -17,9 +17,12 @@
 namespace fastattn {
 namespace cuda {
 
-enum class Activation : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3, kSwiglu = 4, kGeglu = 5 };
+// Gated: swiglu gates with silu, geglu with the exact (erf) gelu, geglu_tanh with its tanh approximation.
+enum class Activation : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3, kSwiglu = 4, kGeglu = 5, kGegluTanh = 6 };
 
-FASTATTN_HOST_DEVICE bool is_gated(Activation act) { return act == Activation::kSwiglu || act == Activation::kGeglu; }
+FASTATTN_HOST_DEVICE bool is_gated(Activation act) {
+  return act == Activation::kSwiglu || act == Activation::kGeglu || act == Activation::kGegluTanh;
+}
 
 struct FfnActParams {
   const void* h = nullptr;

@@ -24,7 +24,9 @@ Activation parse_activation(c10::string_view name) {
   if (s == "silu") return Activation::kSilu;
   if (s == "swiglu") return Activation::kSwiglu;
   if (s == "geglu") return Activation::kGeglu;
-  TORCH_CHECK_VALUE(false, "activation must be one of relu, gelu, gelu_tanh, silu, swiglu, geglu, got '", s, "'");
+  if (s == "geglu_tanh") return Activation::kGegluTanh;
+  TORCH_CHECK_VALUE(false, "activation must be one of relu, gelu, gelu_tanh, silu, swiglu, geglu, geglu_tanh, got '", s,
+                    "'");
   return Activation::kGelu;  // unreachable
 }
 

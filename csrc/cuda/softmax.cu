@@ -30,14 +30,15 @@ __device__ __forceinline__ RowOffsets row_offsets(const RowLayout& layout, int64
   return off;
 }
 
-// Running max (log2 units) and Σ exp2(x - max) of a set of values; -inf max = empty set.
+// Running max (log2 units) and Σ exp2(x - max) of a set of values; -inf max and sum 0 = empty set. A NaN
+// value makes the sum NaN (fmaxf drops it from the max), which every merge keeps: NaN in, NaN out.
 struct MaxSum {
   float max, sum;
 };
 
 __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
   const float m = fmaxf(a.max, b.max);
-  if (m == -kInf) return {m, 0.f};
+  if (m == -kInf) return {m, a.sum + b.sum};  // 0 for empty sets, NaN kept
   return {m, a.sum * exp2f(a.max - m) + b.sum * exp2f(b.max - m)};
 }
 
@@ -129,7 +130,7 @@ __global__ void __launch_bounds__(1024) softmax_fwd_kernel(const SoftmaxFwdParam
     for (int64_t j = sched.col0; j < cols; j += sched.col_step) accumulate(s, score_log2(j));
     s = row_merge<kWarpPerRow>(s);
 
-    const bool empty = s.max == -kInf;  // fully masked row
+    const bool empty = s.max == -kInf && s.sum == 0.f;  // fully masked row (an all-NaN one has sum NaN)
     const float inv_sum = empty ? 0.f : 1.f / s.sum;
     const float log_sum = empty ? 0.f : log2f(s.sum);
     T* y = static_cast<T*>(p.y) + row * cols;
@@ -166,7 +167,7 @@ __global__ void __launch_bounds__(1024) softmax_bwd_kernel(const SoftmaxBwdParam
       const float out = to_float(y[off.second + j * p.y.col_stride]);
       float grad;
       if (p.log) {
-        grad = out == -kInf ? 0.f : p.scale * (g - exp2f(out * kLog2e) * total);
+        grad = p.scale * (g - exp2f(out * kLog2e) * total);  // torch's formula: dy·scale where y = -inf
       } else {
         grad = p.scale * out * (g - total);
       }

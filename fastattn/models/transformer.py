@@ -43,7 +43,7 @@ class ModelConfig:
     n_kv_head: int | None = None  # key/value heads (GQA/MQA when fewer than n_head); None = n_head
     d_model: int = 64  # width of the residual stream
     d_ff: int | None = None  # FFN hidden width; None = 4·d_model (gated activations: 8/3·d_model, rounded to 64)
-    activation: str = "gelu"  # relu, gelu, gelu_tanh, silu, swiglu, geglu
+    activation: str = "gelu"  # relu, gelu, gelu_tanh, silu, swiglu, geglu, geglu_tanh
     norm: str = "layernorm"  # "layernorm" or "rmsnorm"
     norm_eps: float = 1e-5
     pre_norm: bool = True  # pre-norm (GPT-2) or post-norm (the original Transformer, BERT)

@@ -59,8 +59,10 @@ class FeedForward(torch.nn.Module):
     """``fc2(dropout(act(fc1(x))))`` as one ``fastattn.feed_forward`` call.
 
     Weights are two ``nn.Linear``: ``fc1`` (d_model -> hidden, or 2·hidden for the gated ``swiglu`` /
-    ``geglu``, gate rows first) and ``fc2`` (hidden -> d_model). ``dropout`` drops the activation in
-    training mode, as nn.Transformer's FFN does.
+    ``geglu`` / ``geglu_tanh``, gate rows first) and ``fc2`` (hidden -> d_model). ``dropout`` drops the
+    activation in training mode, as nn.Transformer's FFN does. ``gelu`` and ``geglu`` use the exact
+    (erf) gelu; ``gelu_tanh`` and ``geglu_tanh`` its tanh approximation (``geglu_tanh`` is Hugging
+    Face's ``gelu_pytorch_tanh`` gate of Gemma and Liger-Kernel's GEGLU).
     """
 
     def __init__(

@@ -201,7 +201,7 @@ def _fwd_block(
     causal diagonal or past the end of the keys, so the key bound and the causal compare apply.
 
     Masks turn scores into -inf before the row max, so the scale folds into the exponent's argument
-    (one FFMA per score: qk·scale - m); an additive mask or a scale <= 0 (SCALE_FIRST) needs the
+    (one FFMA per score: qk·scale - m); an additive mask or a scale <= 0 or NaN (SCALE_FIRST) needs the
     scaled scores first (max(qk)·scale is not the max for a negative scale, -inf·0 is NaN).
 
     A head dim that is not a power of two runs as two power-of-two pieces (BLOCK_D2/BLOCK_DV2 > 0:
@@ -1100,8 +1100,9 @@ def _meta(q, k, v, mask_kind, is_causal, dropout_p, scale):
         "DROPOUT": dropout_p > 0.0,
         # 128 is the largest BLOCK_N of any candidate: every key block is full, no bound checks
         "EVEN_K": isinstance(k_len, int) and k_len % 128 == 0,
-        # an additive mask, or a scale <= 0 (max(qk)·scale is then not the max of the scores, -inf·0 is NaN)
-        "SCALE_FIRST": mask_kind == 2 or scale <= 0,
+        # an additive mask, or a scale <= 0 (max(qk)·scale is then not the max of the scores, -inf·0 is NaN),
+        # or NaN (masked scores must stay -inf, not -inf·NaN, so a fully masked row still gives zeros)
+        "SCALE_FIRST": mask_kind == 2 or not scale > 0,
         "UPCAST_DOT": _INTERPRETING and q.dtype == torch.bfloat16,
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
     }

@@ -29,7 +29,7 @@ hooks on the CPU and measures the peak CUDA memory against torch's block on a GP
 The backward's transients are ``a`` (M, H) and dh (M, H1), released when it returns.
 
 Gated layout: w1 (2·hidden, K), the gate's rows first; out = act(gate)·up (swiglu: silu gate,
-geglu: exact-gelu gate), as reference.activate.
+geglu: exact-gelu (erf) gate, geglu_tanh: tanh-approximated gelu gate), as reference.activate.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The kernels' ACTIVATION constexpr: the function applied to h (to the gate of a gated activation).
 # Integers rather than strings, so that Inductor renders them trivially in its kernel launches.
-_ACTIVATION_CODE = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "swiglu": 3, "geglu": 1}
+_ACTIVATION_CODE = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "swiglu": 3, "geglu": 1, "geglu_tanh": 2}
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def _tanh(u):
 def _activation(h, ACTIVATION: tl.constexpr):
     """act(h) in float32; ACTIVATION: 0 relu, 1 gelu (exact, erf), 2 gelu_tanh, 3 silu."""
     if ACTIVATION == 0:  # relu
-        out = tl.maximum(h, 0.0)
+        out = tl.where(h < 0.0, 0.0, h)  # NaN stays NaN, as torch.relu (tl.maximum would drop it)
     elif ACTIVATION == 1:  # gelu
         out = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
     elif ACTIVATION == 2:  # gelu_tanh
@@ -224,7 +224,7 @@ def _activation(h, ACTIVATION: tl.constexpr):
 def _activation_grad(h, ACTIVATION: tl.constexpr):
     """d act / d h in float32."""
     if ACTIVATION == 0:  # relu
-        grad = tl.where(h > 0.0, 1.0, 0.0)
+        grad = tl.where(h <= 0.0, 0.0, 1.0)  # at NaN the gradient passes, as torch's
     elif ACTIVATION == 1:  # gelu
         cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
         pdf = 0.3989422804014327 * tl.exp(-0.5 * h * h)

@@ -30,7 +30,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from fastattn.dispatch import Op
-from fastattn.utils import no_double_backward, poisoning
+from fastattn.utils import no_double_backward, poisoning, zero_hidden_scores
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -191,7 +191,7 @@ def _softmax_bwd_single(
     sy0, sy1, sy2, sy3, syn, sg0, sg1, sg2, sg3, sgn, sd0, sd1, sd2, sd3, sdn,
     LOG: tl.constexpr, WIDE_COLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dx = scale·y·(dy - Σ dy·y), or scale·(dy - exp(y)·Σ dy) for log_softmax (0 where masked)."""
+    """dx = scale·y·(dy - Σ dy·y), or scale·(dy - exp(y)·Σ dy) for log_softmax (dy·scale where y = -inf)."""
     _, row_ok, _, y_row, g_row, d_row, _ = _row_starts(
         tl.program_id(0), n_inner_blocks, 1, S1, S2, S3, sy0, sy1, sy2, sy3, sg0, sg1, sg2, sg3,
         sd0, sd1, sd2, sd3, BLOCK_M)
@@ -200,8 +200,7 @@ def _softmax_bwd_single(
     y = tl.load(y_ptr + (y_row[:, None] + cols[None, :] * syn), mask=ok, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + (g_row[:, None] + cols[None, :] * sgn), mask=ok, other=0.0).to(tl.float32)
     if LOG:
-        dx = dy - tl.exp(y) * tl.sum(dy, axis=1)[:, None]
-        dx = tl.where(y == float("-inf"), 0.0, dx)  # masked: y is a constant there
+        dx = dy - tl.exp(y) * tl.sum(dy, axis=1)[:, None]  # torch's formula: dy where y = -inf
     else:
         dx = y * (dy - tl.sum(dy * y, axis=1)[:, None])
     tl.store(dx_ptr + (d_row[:, None] + cols[None, :] * sdn), (dx * scale).to(dx_ptr.dtype.element_ty), mask=ok)
@@ -257,7 +256,7 @@ def _softmax_bwd_finish(
         y = tl.load(y_ptr + (y_row[:, None] + c[None, :] * syn), mask=ok, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + (g_row[:, None] + c[None, :] * sgn), mask=ok, other=0.0).to(tl.float32)
         if LOG:
-            dx = tl.where(y == float("-inf"), 0.0, dy - tl.exp(y) * row_total)
+            dx = dy - tl.exp(y) * row_total
         else:
             dx = y * (dy - row_total)
         tl.store(dx_ptr + (d_row[:, None] + c[None, :] * sdn), (dx * scale).to(dx_ptr.dtype.element_ty), mask=ok)
@@ -444,18 +443,23 @@ def _softmax_bwd_op(dy: torch.Tensor, y: torch.Tensor, scale: float, log: bool) 
 
 def _setup_context(ctx, inputs, output):
     x, mask, scale, is_causal, log = inputs
-    ctx.save_for_backward(output)
-    ctx.scale, ctx.log = scale, log
+    # log_softmax: the bool mask marks the scores x does not reach (zero gradient, utils.zero_hidden_scores)
+    hidden = mask if log and mask is not None and mask.dtype == torch.bool else None
+    ctx.save_for_backward(output, hidden)
+    ctx.scale, ctx.log, ctx.causal = scale, log, log and is_causal
     ctx.mask_dtype = None if mask is None else mask.dtype
 
 
 @no_double_backward("softmax")
 def _backward(ctx, dy):
-    (y,) = ctx.saved_tensors
+    y, hidden = ctx.saved_tensors
     dx = _softmax_bwd_op(dy, y, ctx.scale, ctx.log) if ctx.needs_input_grad[0] else None
     dmask = None
     if ctx.needs_input_grad[1]:  # a float mask is added to the scores: its gradient is d(scores)
         dmask = _softmax_bwd_op(dy, y, 1.0, ctx.log).to(ctx.mask_dtype)
+    if ctx.log:
+        dx = None if dx is None else zero_hidden_scores(dx, hidden, ctx.causal)
+        dmask = None if dmask is None else zero_hidden_scores(dmask, None, ctx.causal)
     return dx, dmask, None, None, None
 
 

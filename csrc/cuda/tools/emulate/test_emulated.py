@@ -32,6 +32,7 @@ os.environ["FASTATTN_GUARD_OUTPUTS"] = str(GUARD)
 from helpers import assert_rule  # noqa: E402
 
 from fastattn import reference  # noqa: E402
+from fastattn.utils import zero_hidden_scores  # noqa: E402
 
 CUDA_INCLUDE = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
 
@@ -314,6 +315,37 @@ def test_attention_rejects_bad_arguments(ops):
         ops.attention_fwd(q.double(), q.double(), q.double(), None, 1.0, False, 0.0, None)
 
 
+@pytest.mark.parametrize("sm", [80, 75])
+def test_attention_nan_query_row_or_scale_gives_nan(ops, emulated_sm, sm):
+    """NaN in, NaN out (as torch's SDPA): a NaN query row gives a NaN output row and NaN gradients,
+    a NaN scale NaN everywhere; a fully masked row still gives zeros."""
+    emulated_sm(sm)
+    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    q[0, 1, 4] = float("nan")
+    mask = torch.ones(1, 2, 9, 9, dtype=torch.bool)
+    mask[:, :, 6] = False
+    out, lse = ops.attention_fwd(q, k, v, mask, 0.25, False, 0.0, None)
+    assert torch.isnan(out[0, 1, 4]).all() and torch.isnan(lse[0, 1, 4])
+    assert torch.equal(out[:, :, 6], torch.zeros(1, 2, 16))
+    finite = torch.ones(1, 2, 9, dtype=torch.bool)
+    finite[0, 1, 4] = False
+    finite[:, :, 6] = False
+    assert torch.isfinite(out[finite]).all()
+    dq, dk, dv = ops.attention_bwd(torch.randn_like(out), q, k, v, out, lse, mask, 0.25, False, 0.0, None)
+    assert torch.isnan(dq[0, 1, 4]).all() and torch.isnan(dk[0, 1]).all() and torch.isfinite(dk[0, 0]).all()
+    out, lse = ops.attention_fwd(torch.randn(1, 2, 9, 16), k, v, mask, float("nan"), False, 0.0, None)
+    assert torch.isnan(out[finite]).all() and torch.equal(out[:, :, 6], torch.zeros(1, 2, 16))
+
+
+def test_ffn_relu_propagates_nan(ops):
+    h = torch.randn(3, 40)
+    h[1, 5] = float("nan")
+    a = ops.ffn_act_fwd(h, None, "relu", 0.0, None)
+    assert torch.isnan(a[1, 5]) and torch.equal(a.isnan(), h.isnan())
+    dh = ops.ffn_act_bwd(torch.ones(3, 40), h, None, "relu", 0.0, None)
+    assert dh[1, 5] == 1.0  # torch.relu's backward passes the gradient at NaN
+
+
 def test_attention_no_keys_gives_zeros(ops):
     q = torch.randn(1, 2, 5, 16)
     kv = torch.randn(1, 2, 0, 16)
@@ -376,11 +408,25 @@ def test_softmax(ops, case):
     naive = reference.softmax(xl, -1, scale, mask, causal, log)
     assert y.dtype == dtype and y.shape == x.shape
     assert_rule(y, naive, oracle, k=2, name="y")
-    if log and mask is not None and mask.dtype != torch.bool:
-        return  # the backward takes y only: a -inf float-mask entry gets 0, autograd gives dy there
     dy = torch.randn(*shape).to(dtype)
-    dx = ops.softmax_bwd(dy, y, scale, log)
+    dx = ops.softmax_bwd(dy, y, scale, log)  # takes y only: log_softmax gives dy·scale at every -inf y ...
+    if log:  # ... and the autograd (fastattn/ext.py) zeroes what the bool or causal mask hides
+        dx = zero_hidden_scores(dx, mask_view if mask is not None and mask.dtype == torch.bool else None, causal)
     assert_rule(dx, torch.autograd.grad(naive, xl, dy)[0], torch.autograd.grad(oracle, x64, dy.double())[0], k=3)
+
+
+def test_softmax_nan_row_gives_nan(ops):
+    """NaN in, NaN out (as torch.softmax); a fully masked row still gives zeros (log: -inf)."""
+    x = torch.randn(4, 40)
+    x[1] = float("nan")
+    x[2, 7] = float("nan")
+    mask = torch.ones(4, 40, dtype=torch.bool)
+    mask[3] = False
+    for log in (False, True):
+        y = ops.softmax_fwd(x, mask, 1.0, False, log)
+        assert torch.isnan(y[1]).all() and torch.isnan(y[2]).all(), log
+        assert torch.equal(y[3], torch.full((40,), float("-inf") if log else 0.0))
+        assert torch.isfinite(y[0]).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +438,7 @@ FFN_SHAPES = [(37, 24), (31, 66), (33, 130), (2, 514)]  # (rows, columns of h): 
 
 
 @pytest.mark.parametrize("shape", FFN_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"])
+@pytest.mark.parametrize("activation", reference.ACTIVATIONS)
 @pytest.mark.parametrize("dtype_name,dropout_p,bias", [("fp32", 0.0, True), ("fp16", 0.25, True), ("bf16", 0.0, False)])
 def test_ffn_act(ops, activation, dtype_name, dropout_p, bias, shape):
     dtype = DTYPES[dtype_name]
@@ -403,7 +449,7 @@ def test_ffn_act(ops, activation, dtype_name, dropout_p, bias, shape):
     seed = 987654321
     seed_t = torch.tensor([seed]) if dropout_p > 0 else None
     out = ops.ffn_act_fwd(h, b, activation, dropout_p, seed_t)
-    hidden = cols // 2 if activation in ("swiglu", "geglu") else cols
+    hidden = cols // 2 if activation in reference.GATED_ACTIVATIONS else cols
     drop = keep_mask(seed, (rows, hidden), dropout_p).double() / (1 - dropout_p) if dropout_p > 0 else 1.0
 
     def run_reference(hh, bb):
