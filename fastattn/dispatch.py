@@ -189,9 +189,14 @@ def _refuse_now(message: str) -> str:
 
 def _select_traced(op: str, device: torch.device, args, kwargs) -> str:
     forced = _forced_backend_now()
+    order = (forced,) if forced else AUTO_ORDER.get(device.type, ("reference",))
+    # Every candidate's registry is loaded (by _unavailable_now, at trace time) before the first read
+    # of _ops: dynamo snapshots the dict when it first reads it, and a backend loaded after that was
+    # missing from the snapshot (KeyError('reference') compiling a float64 module first in a process).
+    unavailable = [_unavailable_now(backend, op, device) for backend in order]
     tried = []
-    for backend in (forced,) if forced else AUTO_ORDER.get(device.type, ("reference",)):
-        reason = _unavailable_now(backend, op, device) or _ops[backend][op].supports(*args, **kwargs)
+    for backend, unavailable_reason in zip(order, unavailable):
+        reason = unavailable_reason or _ops[backend][op].supports(*args, **kwargs)
         if not reason:
             return backend
         if forced:

@@ -160,3 +160,22 @@ def test_compiled_forced_backend_that_cannot_serve_names_itself():
     compiled = torch.compile(lambda q: fastattn.scaled_dot_product_attention(q, q, q), fullgraph=True, dynamic=True)
     with fastattn.use_backend("cuda"), pytest.raises(Exception, match=r"backend 'cuda' cannot run attention"):
         compiled(q)
+
+
+def test_compiled_float64_module_as_the_first_call_in_a_process():
+    """float64 is declined by the cpu kernels, so the trace loads the reference backend: it must be
+    in the registry dynamo reads (it was loaded after dynamo's first read: KeyError('reference'))."""
+    code = (
+        "import torch, fastattn\n"
+        "m = fastattn.nn.MultiheadAttention(16, 2, batch_first=True).double()\n"
+        "x = torch.randn(2, 5, 16, dtype=torch.float64)\n"
+        "pad = torch.zeros(2, 5, dtype=torch.float64)\n"
+        "pad[:, -1] = float('-inf')\n"
+        "f = torch.compile(lambda x: m(x, x, x, key_padding_mask=pad, need_weights=False)[0], fullgraph=True)\n"
+        "got = f(x)\n"
+        "want = m(x, x, x, key_padding_mask=pad, need_weights=False)[0]\n"
+        "print(float((got - want).abs().max()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert float(done.stdout.strip().splitlines()[-1]) < 1e-10
