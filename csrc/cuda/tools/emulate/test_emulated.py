@@ -187,8 +187,9 @@ def _attention_mask(kind, b, h, n_q, n_k, dtype):
     raise ValueError(kind)
 
 
-# Sizes give every kernel several key blocks (online-softmax rescaling, the cp.async pipeline,
-# dQ atomics from several blocks) and most of them several query blocks.
+# Sizes give every kernel several key blocks (online-softmax rescaling, the cp.async pipelines of
+# the forward and the backward's dQ kernel) and most of them several query blocks (the pipeline of
+# the backward's dK/dV kernel, across the query heads of a GQA group too).
 ATTENTION_CASES = [
     # dtype, B, Hq, Hkv, Nq, Nk, D, Dv, causal, mask, dropout, layout
     ("fp16", 1, 2, 2, 70, 150, 64, 64, False, None, 0.0, "contiguous"),
@@ -203,10 +204,13 @@ ATTENTION_CASES = [
     ("fp32", 1, 1, 1, 9, 40, 256, 256, False, None, 0.0, "contiguous"),
 ]
 # Ragged lengths around every block size the attention kernels use (query blocks 64/32/16/8, key
-# blocks 64/32/16; which one depends on D, the arch and fwd/bwd): Nq and Nk = block - 1, block + 1,
-# 2·block - 1, so a last block that is one row short or one row over shows. A list of its own so
-# that a kernel change (e.g. the backward's dQ phase) can extend it without touching the rest.
-RAGGED_BLOCKS = {64: (64, 32), 128: (32, 16), 256: (16, 8)}  # D -> the block sizes its kernels use
+# blocks 64/32/16; which one depends on D, the arch and the kernel: forward, backward dK/dV, backward
+# dQ): Nq and Nk = block - 1, block + 1, 2·block - 1, so a last block that is one row short or one
+# row over shows. A list of its own so that a kernel change can extend it without touching the rest.
+# D -> the block sizes its kernels use: 64: mma 64 (fwd, dK/dV, dQ), CUDA-core 32; 128: mma 64 (fwd,
+# dK/dV keys, dQ rows) and 32 (dK/dV query blocks, dQ key blocks), CUDA-core 16 (and 32 fwd keys);
+# 256: CUDA-core 16 and 8.
+RAGGED_BLOCKS = {64: (64, 32), 128: (64, 32, 16), 256: (16, 8)}
 ATTENTION_RAGGED_CASES = [
     (dtype, 1, 2, 1, nq, nk, d, d, causal, None, 0.0, "contiguous")
     for d, blocks in RAGGED_BLOCKS.items()
@@ -295,6 +299,30 @@ def test_attention_gqa_group_of_four_causal_long(ops, emulated_sm):
         (dq, dk, dv), torch.autograd.grad(oracle, leaves64, dout.double()), torch.autograd.grad(naive, leaves, dout)
     ):
         assert_rule(got, ref, want, k=3)
+
+
+@pytest.mark.parametrize("sm,dtype_name", [(80, "fp16"), (80, "bf16"), (75, "fp16"), (80, "fp32")])
+def test_attention_backward_is_deterministic(ops, emulated_sm, sm, dtype_name):
+    """Two backward calls on the same inputs give bitwise-equal gradients. The emulator runs the
+    blocks of a launch in a new shuffled order on every call, so a gradient summed across blocks
+    in block order (float atomics) differs between the calls; each dQ, dK and dV element must have
+    one owner that sums in a fixed order. Several key and query blocks, GQA 2:1, causal, a mask and
+    dropout, so every path that adds into a gradient takes part."""
+    emulated_sm(sm)
+    dtype = DTYPES[dtype_name]
+    b, hq, hkv, nq, nk, d = 1, 4, 2, 97, 161, 64
+    q = torch.randn(b, hq, nq, d).to(dtype)
+    k = torch.randn(b, hkv, nk, d).to(dtype)
+    v = torch.randn(b, hkv, nk, d).to(dtype)
+    mask = _attention_mask("key_padding", b, hq, nq, nk, dtype).expand(b, hq, nq, nk)
+    seed = torch.tensor([4242])
+    out, lse = ops.attention_fwd(q, k, v, mask, 0.125, True, 0.1, seed)
+    dout = torch.randn_like(out)
+    first = ops.attention_bwd(dout, q, k, v, out, lse, mask, 0.125, True, 0.1, seed)
+    second = ops.attention_bwd(dout, q, k, v, out, lse, mask, 0.125, True, 0.1, seed)
+    for name, x, y in zip(("dq", "dk", "dv"), first, second):
+        assert not torch.isnan(x).any(), name
+        assert torch.equal(x, y), f"{name}: two runs differ in {(x != y).sum().item()} elements"
 
 
 def test_attention_rejects_bad_arguments(ops):
