@@ -74,11 +74,12 @@ __device__ __forceinline__ int64_t lse_row(const AttentionShape& sh, int b, int 
 // =============================================================================================
 
 // Blocks per SM the kernels are compiled for (__launch_bounds__'s second argument). Without it
-// ptxas picks its own occupancy target and spills a few registers to reach it (dK/dV at head dim
-// 32: 168 registers and 20 bytes of spills for 3 blocks; CUDA-core dQ: 64 registers and 8-12
-// bytes); with it the kernels compile spill-free (benchmarks/NOTES.md).
-constexpr int kMinBlocksMma = 2;     // 128 threads each: up to 255 registers
-constexpr int kMinBlocksSimple = 4;  // 128 threads each: up to 128 registers
+// ptxas picks its own occupancy target and spills a few registers to reach it (dK/dV mma at head
+// dim 32: 168 registers and 52 bytes of spill traffic for 3 blocks; CUDA-core dQ: 64 registers and
+// 16-24 bytes); with these every kernel compiles spill-free for sm_80 and sm_90 (benchmarks/NOTES.md).
+constexpr int kMinBlocksMma = 2;         // 128 threads each: up to 255 registers
+constexpr int kMinBlocksDkdvSimple = 3;  // up to 168 registers (at 4 blocks, 16-bit d64/d128 spill on sm_90)
+constexpr int kMinBlocksDqSimple = 4;    // up to 128 registers
 
 // dK/dV of kBlockN = 16·kWarps keys. Per query block of kBlockM rows (Q, dO double-buffered with
 // cp.async when kStages == 2): Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (rows = this warp's 16 keys), then
@@ -445,7 +446,7 @@ __device__ __forceinline__ void simple_scores(const AttentionShape& sh, int b, i
 // dK/dV of kBlockN keys; thread t accumulates key t / kKeyThreads, columns t % kKeyThreads +
 // kKeyThreads·u. Tiles are float with rows padded by one against bank conflicts.
 template <typename T, int kHeadDim, int kBlockN, int kBlockM>
-__global__ void __launch_bounds__(128, kMinBlocksSimple) attention_bwd_dkdv_simple_kernel(const AttentionBwdParams p) {
+__global__ void __launch_bounds__(128, kMinBlocksDkdvSimple) attention_bwd_dkdv_simple_kernel(const AttentionBwdParams p) {
   constexpr int kThreads = 128, kLd = kHeadDim + 1, kLdP = kBlockN + 1;
   constexpr int kKeyThreads = kThreads / kBlockN, kColsPerThread = kHeadDim / kKeyThreads;
   static_assert(kThreads % kBlockN == 0 && kHeadDim % kKeyThreads == 0, "tile shape");
@@ -519,7 +520,7 @@ __global__ void __launch_bounds__(128, kMinBlocksSimple) attention_bwd_dkdv_simp
 // dQ of kBlockM query rows of one head; thread t accumulates row t / kRowThreads, columns
 // t % kRowThreads + kRowThreads·u, over the key blocks the rows can see.
 template <typename T, int kHeadDim, int kBlockM, int kBlockN>
-__global__ void __launch_bounds__(128, kMinBlocksSimple) attention_bwd_dq_simple_kernel(const AttentionBwdParams p) {
+__global__ void __launch_bounds__(128, kMinBlocksDqSimple) attention_bwd_dq_simple_kernel(const AttentionBwdParams p) {
   constexpr int kThreads = 128, kLd = kHeadDim + 1, kLdP = kBlockN + 1;
   constexpr int kRowThreads = kThreads / kBlockM, kColsPerThread = kHeadDim / kRowThreads;
   static_assert(kThreads % kBlockM == 0 && kHeadDim % kRowThreads == 0, "tile shape");
