@@ -640,7 +640,7 @@ COLUMNS = ("kernel", "case", "config", "role", "target", "registers", "spill_byt
            "mma", "serialized", "path_instructions")
 
 
-def markdown(rows: list[dict], stamp: dict) -> str:
+def markdown(rows: list[dict], stamp: dict, with_failures: bool = True) -> str:
     head = ["kernel", "case", "config", "role", "target", "regs", "spills (B)", "smem (KiB)", "warps/SM", "mma",
             "serialized", "loop instr."]
     lines = [f"Static check of the Triton kernels and of the CUDA kernels of csrc/cuda ({stamp['date']}, Triton "
@@ -659,6 +659,10 @@ def markdown(rows: list[dict], stamp: dict) -> str:
         cells = [r["kernel"], r["case"], r["config"], r["role"], r["target"], r["registers"], r["spill_bytes"],
                  f"{r['smem_bytes'] / 1024:.0f}", occupancy, r["mma"], serialized, r.get("path_instructions", "")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if stamp.get("note"):
+        lines += ["", stamp["note"]]
+    if with_failures and (bad := failures(rows)):
+        lines += ["", "Failures:", ""] + [f"- {line}" for line in bad]
     return "\n".join(lines) + "\n"
 
 
@@ -666,7 +670,7 @@ def readme_section(rows: list[dict], stamp: dict) -> str:
     """The attention forward/backward rows the README shows: the sm_90a bf16 candidates for d64/d128."""
     keep = [r for r in rows if r["family"] == "attention" and r["target"] == "sm_90a" and "error" not in r
             and r["case"] in ("bf16 d64", "bf16 d128", "bf16 d128 causal") and r["kernel"] != "_attn_bwd_delta_kernel"]
-    body = markdown(keep, stamp).split("\n", 2)[2]
+    body = markdown(keep, {k: v for k, v in stamp.items() if k != "note"}, with_failures=False).split("\n", 2)[2]
     total = len([r for r in rows if "error" not in r])
     bad = failures(rows)
     verdict = "no serialized wgmma, no spills, shared memory within the limit" if not bad else f"{len(bad)} failures"
@@ -690,6 +694,8 @@ def merge_rows(previous: dict, rows: list[dict], stamp: dict, families: list[str
         old = previous.get("stamp", {})
         stamp = {**stamp, "kept": f"{', '.join(sorted({r.get('family', '?') for r in kept}))} rows from commit "
                                   f"{old.get('commit', '?')} ({old.get('date', '?')}, Triton {old.get('triton', '?')})"}
+        if old.get("note"):  # a remark about the kept rows stays with them
+            stamp["note"] = old["note"]
     return kept + rows, stamp
 
 

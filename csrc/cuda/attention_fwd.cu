@@ -25,8 +25,11 @@ __device__ __forceinline__ float row_lse(float row_max_log2, float row_sum) {
 // tensor-core kernel (sm_80+)
 // =============================================================================================
 
+// Compiled for 8 / kWarps blocks per SM (one of 8 warps, two of 4): without that bound ptxas picks its
+// own occupancy target and spills to reach it (head dim 32, 8 warps, sm_80: 224 bytes; head dim
+// 256, sm_90a: 36 bytes); with it no variant spills (benchmarks/check_sass.py's CUDA rows).
 template <typename T, int kHeadDim, int kBlockN, int kWarps, int kStages>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     attention_fwd_mma_kernel(const AttentionFwdParams p, const VecFlags vec, const bool vec_out) {
 #if FASTATTN_SM80
   constexpr int kBlockM = 16 * kWarps, kThreads = kWarps * 32, kLd = kHeadDim + 8;
