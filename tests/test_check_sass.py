@@ -212,3 +212,18 @@ def test_merge_keeps_the_rows_of_families_not_compiled_now():
                                ["cuda"])
     assert [r["kernel"] for r in rows] == ["_attn_fwd_kernel", "new_kernel"]
     assert "attention rows from commit abc" in stamp["kept"] and stamp["commit"] == "def"
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("NVCC", "nvcc")) is None, reason="needs nvcc")
+@pytest.mark.parametrize("target", ["sm_80", "sm_90a"])
+def test_compile_cuda_reads_a_real_nvcc_run(target):
+    """One real nvcc compile of the smallest CUDA file (a few seconds): the log is parsed and the PTX
+    nvcc keeps is found under the name it has for that -arch (dropout.ptx for sm_80,
+    dropout.compute_90a.ptx for sm_90a), so the launch bound reaches the row."""
+    rows = C.compile_cuda(ROOT / "csrc" / "cuda" / "dropout.cu", C.TARGETS[target], os.environ.get("NVCC", "nvcc"))
+    assert len(rows) == 1 and "error" not in rows[0], rows
+    row = rows[0]
+    assert row["kernel"] == "dropout_mask_kernel" and row["target"] == target and row["case"] == "dropout.cu"
+    assert row["threads"] == 256 and row["registers"] > 0 and row["spill_bytes"] == 0
+    assert row["occupancy_warps"] == C.occupancy_warps_per_sm(row["registers"], 0, 8, C.TARGETS[target])
+    assert C.failures(rows) == []
