@@ -46,9 +46,10 @@ check-cuda:
 	    $(NVCC) -std=c++17 -O2 -arch=sm_$$0 --expt-relaxed-constexpr $(CUDA_CHECK_FLAGS) -Icsrc -c $$1 -o /dev/null'
 	PYTHON=$(PYTHON) csrc/cuda/tools/check_glue.sh
 
-# Compile every Triton autotune candidate for sm_90a and sm_80 (no GPU) and read ptxas/SASS: fails on
-# serialized wgmma, spills, shared memory over the limit; tables in benchmarks/results/static/.
-# SASS_ARGS=--quick: bf16 only, attention head dims 64 and 128.
+# Compile every Triton autotune candidate for sm_90a and sm_80 (no GPU) and read ptxas/SASS, and every
+# CUDA kernel of csrc/cuda with nvcc -Xptxas -v: fails on serialized wgmma, spills, shared memory over
+# the limit; tables in benchmarks/results/static/. SASS_ARGS=--quick: bf16 only, attention head dims
+# 64 and 128 (the CUDA kernels in full); SASS_ARGS="--only cuda --merge": the CUDA rows alone.
 SASS_ARGS ?=
 check-sass: deps
 	$(PYTHON) -m benchmarks.check_sass --jobs $(CHECK_JOBS) $(SASS_ARGS)

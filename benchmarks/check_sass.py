@@ -8,13 +8,21 @@ with the ptxas Triton uses, ``-v``, to read registers, spills and warnings. From
 (cuobjdump) come the tensor-core instruction counts and, for the attention kernels, the number of
 instructions one iteration of the main loop executes on its unmasked path.
 
+The CUDA kernels (csrc/cuda/*.cu) are compiled with nvcc -Xptxas -v for the same targets, one
+process per (file, target), with the Makefile's check-cuda flags; a row per kernel instantiation
+(config = its template arguments): registers, spills, shared memory (static, plus the dynamic size
+its launcher asks for: CUDA_DYNAMIC_SMEM), warps per SM at its launch bound, mma.sync instructions
+counted in the PTX nvcc kept (this CUDA may ship no cuobjdump), "serialized" n/a (no wgmma).
+
 Fails (exit 1) on: a C7515 warning (wgmma serialised) in any compiled candidate; spills or shared
 memory over the target's limit in any candidate the pruning keeps, the fixed (FASTATTN_AUTOTUNE=0)
-configs and the decode config included; the d128 128x128 3-stage forward missing from the sm_90a
-list; a forward loop longer than the Triton tutorial's (LOOP_BUDGET). Writes
-benchmarks/results/static/sass.{json,md} and, with --readme, the README's static section.
+configs and the decode config included, and in any CUDA kernel; a CUDA kernel whose dynamic shared
+memory size is unknown; the d128 128x128 3-stage forward missing from the sm_90a list; a forward
+loop longer than the Triton tutorial's (LOOP_BUDGET). Writes benchmarks/results/static/sass.{json,md}
+and, with --readme, the README's static section. With --merge, the rows of the families not
+compiled in this run are kept from the existing sass.json (e.g. `--only cuda --merge`).
 
-    python -m benchmarks.check_sass [--jobs N] [--only attention] [--readme]
+    python -m benchmarks.check_sass [--jobs N] [--only attention|cuda|...] [--merge] [--readme]
 """
 
 from __future__ import annotations
@@ -421,6 +429,187 @@ def run_job(job: Job) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# the CUDA kernels (csrc/cuda): nvcc -Xptxas -v, one compile per (file, target)
+# --------------------------------------------------------------------------------------------
+
+CUDA_DIR = ROOT / "csrc" / "cuda"
+# The Makefile's check-cuda flags (torch's half/bfloat16 macros included): what the extension builds.
+NVCC_FLAGS = ["-std=c++17", "-O2", "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
+              "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
+_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+_PTX_ENTRY = re.compile(r"^(?:\.visible\s+|\.weak\s+)?\.entry\s+([\w$]+)\s*\(", re.M)
+_MAXNTID = re.compile(r"\.maxntid\s+(\d+)(?:,\s*(\d+))?(?:,\s*(\d+))?")
+_ELEMENT_BYTES = {"__half": 2, "__nv_bfloat16": 2, "float": 4}
+
+
+def parse_ptxas_log(log: str) -> list[dict]:
+    """Per kernel of a ``ptxas -v`` log (nvcc -Xptxas -v): mangled name, target, registers, spill bytes
+    (stores + loads), stack frame and static shared memory. ptxas prints "Compiling entry function",
+    then the stack/spill line, then "Used N registers[, ... M bytes smem]"."""
+    rows, current = [], None
+    for line in log.splitlines():
+        m = _ENTRY.search(line)
+        if m:
+            current = {"mangled": m.group(1), "target": m.group(2), "registers": None, "spill_bytes": 0,
+                       "stack_bytes": 0, "static_smem": 0}
+            rows.append(current)
+            continue
+        if current is None:
+            continue
+        m = _STACK.search(line)
+        if m:
+            current["stack_bytes"] = int(m.group(1))
+            current["spill_bytes"] = int(m.group(2)) + int(m.group(3))
+        m = _USED.search(line)
+        if m:
+            current["registers"] = int(m.group(1))
+            current["static_smem"] = int(m.group(2) or 0)
+    return rows
+
+
+def parse_ptx_entries(ptx: str) -> dict[str, dict]:
+    """Per .entry of a PTX module: mma.sync instructions (static count: the kernels unroll their tile
+    loops), threads per block from .maxntid (None without __launch_bounds__), and whether the body
+    takes the address of the dynamic shared memory (csrc/cuda/common.cuh: fastattn_dynamic_smem)."""
+    starts = [(m.start(), m.group(1)) for m in _PTX_ENTRY.finditer(ptx)]
+    out = {}
+    for (start, name), end in zip(starts, [s for s, _ in starts[1:]] + [len(ptx)]):
+        body = ptx[start:end]
+        ntid = _MAXNTID.search(body)
+        threads = math.prod(int(g) for g in ntid.groups() if g) if ntid else None
+        out[name] = {"mma": len(re.findall(r"\bmma\.sync\b", body)), "threads": threads,
+                     "dynamic_smem": "fastattn_dynamic_smem" in body}
+    return out
+
+
+def demangle(names: list[str]) -> list[str]:
+    """c++filt on each name; the mangled names themselves when c++filt is missing."""
+    try:
+        done = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return list(names)
+    lines = done.stdout.splitlines()
+    return lines if len(lines) == len(names) else list(names)
+
+
+def split_kernel_name(demangled: str) -> tuple[str, list[str]]:
+    """'void ns::(anonymous namespace)::k<__half, 128, 32>(Params, bool)' -> ('k', ['__half', '128', '32'])."""
+    text = demangled.replace("(anonymous namespace)::", "")
+    if text.startswith("void "):
+        text = text[5:]
+    depth, cut = 0, len(text)
+    for i, ch in enumerate(text):  # the parameter list starts at the first '(' outside the template arguments
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "(" and depth == 0:
+            cut = i
+            break
+    text = text[:cut]
+    if "<" not in text:
+        return text.rsplit("::", 1)[-1], []
+    name, args = text[: text.index("<")], text[text.index("<") + 1: text.rindex(">")]
+    parts, depth, piece = [], 0, ""
+    for ch in args:
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "," and depth == 0:
+            parts.append(piece.strip())
+            piece = ""
+        else:
+            piece += ch
+    parts.append(piece.strip())
+    return name.rsplit("::", 1)[-1], [p for p in parts if p]
+
+
+def _ints(args):
+    return [int(a) for a in args[1:]]
+
+
+# Dynamic shared memory of each kernel that takes it, from its template arguments: the formulas of its
+# launcher (csrc/cuda/attention_{fwd,bwd}.cu), written again here. A kernel whose PTX addresses the
+# dynamic shared memory but is missing here fails the check, so a new kernel cannot go unmeasured.
+CUDA_DYNAMIC_SMEM = {
+    # <T, D, BN, warps, stages>: Q (16·warps rows) + stages × (K + V) of BN rows, D + 8 per row
+    "attention_fwd_mma_kernel": lambda e, d, bn, w, st: (16 * w + 2 * st * bn) * (d + 8) * e,
+    # <T, D, BN>: float Q (16 rows), K, V (BN rows) of D + 1, P (16 × BN + 1)
+    "attention_fwd_simple_kernel": lambda e, d, bn: 4 * ((16 + 2 * bn) * (d + 1) + 16 * (bn + 1)),
+    # <T, D, BM, warps, stages>: K, V (16·warps rows) + stages × (Q + dO) of BM rows; lse, delta
+    "attention_bwd_dkdv_mma_kernel": lambda e, d, bm, w, st: (2 * 16 * w + 2 * st * bm) * (d + 8) * e + 4 * 2 * st * bm,
+    # <T, D, BN, warps, stages>: Q, dO (16·warps rows) + stages × (K + V) of BN rows
+    "attention_bwd_dq_mma_kernel": lambda e, d, bn, w, st: (2 * 16 * w + 2 * st * bn) * (d + 8) * e,
+    # <T, D, BN, BM>: float K, V, Q, dO of D + 1; P and dS (BM × BN + 1); lse, delta
+    "attention_bwd_dkdv_simple_kernel": lambda e, d, bn, bm: 4 * ((2 * bn + 2 * bm) * (d + 1) + 2 * bm * (bn + 1) + 2 * bm),
+    # <T, D, BM, BN>: float Q, dO, K, V of D + 1; dS (BM × BN + 1); lse, delta
+    "attention_bwd_dq_simple_kernel": lambda e, d, bm, bn: 4 * ((2 * bn + 2 * bm) * (d + 1) + bm * (bn + 1) + 2 * bm),
+}
+
+
+def cuda_rows(source: str, target: Target, log: str, ptx: str) -> list[dict]:
+    """Table rows of one nvcc compile: its ptxas -v log and the PTX it assembled."""
+    kernels = parse_ptxas_log(log)
+    entries = parse_ptx_entries(ptx)
+    rows = []
+    for k, full in zip(kernels, demangle([k["mangled"] for k in kernels])):
+        name, args = split_kernel_name(full)
+        entry = entries.get(k["mangled"], {"mma": 0, "threads": None, "dynamic_smem": False})
+        smem, unknown = k["static_smem"], False
+        if entry["dynamic_smem"]:
+            formula = CUDA_DYNAMIC_SMEM.get(name)
+            if formula is None or not args or args[0] not in _ELEMENT_BYTES:
+                unknown = True
+            else:
+                smem += formula(_ELEMENT_BYTES[args[0]], *_ints(args))
+        threads = entry["threads"]
+        registers = k["registers"] or 0
+        rows.append({
+            "family": "cuda", "kernel": name, "case": source, "config": ", ".join(args), "role": "only",
+            "target": target.name, "registers": registers, "spill_bytes": k["spill_bytes"], "smem_bytes": smem,
+            "smem_unknown": unknown, "threads": threads,
+            "occupancy_warps": occupancy_warps_per_sm(registers, smem, threads // 32, target) if threads else None,
+            "mma": entry["mma"], "serialized": None, "warnings": [
+                line.strip() for line in log.splitlines() if "warning" in line.lower() and k["mangled"] in line],
+        })
+    return rows
+
+
+def compile_cuda(source: Path, target: Target, nvcc: str = "nvcc") -> list[dict]:
+    """nvcc -Xptxas -v on one file for one target, keeping the PTX (--keep) to count mma.sync."""
+    started = time.time()
+    arch = target.name
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [nvcc, *NVCC_FLAGS, f"-arch={arch}", f"-I{ROOT / 'csrc'}", "-Xptxas", "-v", "--keep", "--keep-dir", tmp,
+               "-c", str(source), "-o", str(Path(tmp, "out.o"))]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            return [{"family": "cuda", "kernel": source.name, "case": source.name, "config": "", "role": "only",
+                     "target": arch, "error": (done.stderr.strip().splitlines() or ["nvcc failed"])[-1][:300]}]
+        # -arch=sm_80 keeps <stem>.ptx; -arch=sm_90a keeps <stem>.compute_90a.ptx (and a compute_90 one)
+        candidates = [Path(tmp, f"{source.stem}.compute_{arch.removeprefix('sm_')}.ptx"), Path(tmp, f"{source.stem}.ptx")]
+        ptx_file = next((c for c in candidates if c.exists()), None)
+        ptx = ptx_file.read_text() if ptx_file else ""
+    rows = cuda_rows(source.name, target, done.stderr + done.stdout, ptx)
+    for r in rows:
+        r["seconds"] = round(time.time() - started, 1)
+    return rows
+
+
+def cuda_check(targets: list[Target], jobs: int, nvcc: str | None = None) -> list[dict] | None:
+    """Rows for every kernel of csrc/cuda/*.cu on every target; None when there is no nvcc."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    nvcc = nvcc or os.environ.get("NVCC", "nvcc")
+    if shutil.which(nvcc) is None:
+        return None
+    work = [(src, t) for src in sorted(CUDA_DIR.glob("*.cu")) for t in targets]
+    with ThreadPoolExecutor(max(1, jobs)) as pool:  # the work is in nvcc processes
+        results = pool.map(lambda w: compile_cuda(w[0], w[1], nvcc), work)
+        return [row for rows in results for row in rows]
+
+
+# --------------------------------------------------------------------------------------------
 # verdicts, table, README
 # --------------------------------------------------------------------------------------------
 
@@ -436,6 +625,8 @@ def failures(rows: list[dict]) -> list[str]:
             out.append(f"{where}: wgmma serialised (ptxas C7515)")
         if r["spill_bytes"]:
             out.append(f"{where}: {r['spill_bytes']} bytes of spills")
+        if r.get("smem_unknown"):
+            out.append(f"{where}: uses dynamic shared memory of a size check_sass.CUDA_DYNAMIC_SMEM does not know")
         if r["smem_bytes"] > TARGETS[r["target"]].block_smem:
             out.append(f"{where}: {r['smem_bytes']} B of shared memory > {TARGETS[r['target']].block_smem} B")
     fwd = [r for r in rows if r["kernel"] == "_attn_fwd_kernel" and "error" not in r]
@@ -455,21 +646,29 @@ COLUMNS = ("kernel", "case", "config", "role", "target", "registers", "spill_byt
            "mma", "serialized", "path_instructions")
 
 
-def markdown(rows: list[dict], stamp: dict) -> str:
+def markdown(rows: list[dict], stamp: dict, with_failures: bool = True) -> str:
     head = ["kernel", "case", "config", "role", "target", "regs", "spills (B)", "smem (KiB)", "warps/SM", "mma",
             "serialized", "loop instr."]
-    lines = [f"Static check of the Triton kernels ({stamp['date']}, Triton {stamp['triton']}, torch {stamp['torch']}, "
-             f"commit {stamp['commit']}): `make check-sass`.", "",
+    lines = [f"Static check of the Triton kernels and of the CUDA kernels of csrc/cuda ({stamp['date']}, Triton "
+             f"{stamp['triton']}, torch {stamp['torch']}, {stamp.get('nvcc', 'no nvcc')}, commit {stamp['commit']}): "
+             "`make check-sass`. CUDA rows: case = source file, config = template arguments, mma = mma.sync in the "
+             "PTX, warps/SM at the kernel's launch bound, smem = static + the launcher's dynamic size."
+             + (f" Kept from an earlier run: {stamp['kept']}." if stamp.get("kept") else ""), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['kernel']} | {r['case']} | {r['config']} | {r['role']} | {r['target']} | "
                          f"error: {r['error']} |" + " |" * 7)
             continue
+        serialized = "n/a" if r["serialized"] is None else "yes" if r["serialized"] else "no"  # n/a: no wgmma (CUDA)
+        occupancy = "" if r["occupancy_warps"] is None else r["occupancy_warps"]
         cells = [r["kernel"], r["case"], r["config"], r["role"], r["target"], r["registers"], r["spill_bytes"],
-                 f"{r['smem_bytes'] / 1024:.0f}", r["occupancy_warps"], r["mma"], "yes" if r["serialized"] else "no",
-                 r.get("path_instructions", "")]
+                 f"{r['smem_bytes'] / 1024:.0f}", occupancy, r["mma"], serialized, r.get("path_instructions", "")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if stamp.get("note"):
+        lines += ["", stamp["note"]]
+    if with_failures and (bad := failures(rows)):
+        lines += ["", "Failures:", ""] + [f"- {line}" for line in bad]
     return "\n".join(lines) + "\n"
 
 
@@ -477,7 +676,7 @@ def readme_section(rows: list[dict], stamp: dict) -> str:
     """The attention forward/backward rows the README shows: the sm_90a bf16 candidates for d64/d128."""
     keep = [r for r in rows if r["family"] == "attention" and r["target"] == "sm_90a" and "error" not in r
             and r["case"] in ("bf16 d64", "bf16 d128", "bf16 d128 causal") and r["kernel"] != "_attn_bwd_delta_kernel"]
-    body = markdown(keep, stamp).split("\n", 2)[2]
+    body = markdown(keep, {k: v for k, v in stamp.items() if k != "note"}, with_failures=False).split("\n", 2)[2]
     total = len([r for r in rows if "error" not in r])
     bad = failures(rows)
     verdict = "no serialized wgmma, no spills, shared memory within the limit" if not bad else f"{len(bad)} failures"
@@ -493,6 +692,25 @@ def _stamp() -> dict:
             "commit": commit or "unknown"}
 
 
+def merge_rows(previous: dict, rows: list[dict], stamp: dict, families: list[str]) -> tuple[list[dict], dict]:
+    """The rows of this run, then those of `previous` (a sass.json) whose family this run did not
+    compile; the stamp says which commit the kept rows come from."""
+    kept = [r for r in previous.get("rows", []) if r.get("family") not in families]
+    if kept:
+        old = previous.get("stamp", {})
+        stamp = {**stamp, "kept": f"{', '.join(sorted({r.get('family', '?') for r in kept}))} rows from commit "
+                                  f"{old.get('commit', '?')} ({old.get('date', '?')}, Triton {old.get('triton', '?')})"}
+        if old.get("note"):  # a remark about the kept rows stays with them
+            stamp["note"] = old["note"]
+    return kept + rows, stamp
+
+
+def _nvcc_version() -> str:
+    out = subprocess.run([os.environ.get("NVCC", "nvcc"), "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release ([\d.]+)", out)
+    return f"nvcc {m.group(1)}" if m else "nvcc"
+
+
 def update_readme(section: str, readme: Path = ROOT / "README.md") -> None:
     text = readme.read_text()
     if README_BEGIN not in text:
@@ -504,10 +722,13 @@ def update_readme(section: str, readme: Path = ROOT / "README.md") -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="compiles in parallel")
-    parser.add_argument("--only", choices=sorted(FAMILIES), action="append", help="kernel families (default all)")
+    parser.add_argument("--only", choices=sorted(FAMILIES) + ["cuda"], action="append",
+                        help="kernel families (default all; cuda: the csrc/cuda kernels through nvcc)")
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     parser.add_argument("--readme", action="store_true", help="rewrite the README's static section")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of the families not compiled now from the existing sass.json")
     parser.add_argument("--quick", action="store_true", help="bf16 only, attention head dims 64 and 128 (CI)")
     args = parser.parse_args(argv)
     # The kernel modules are imported below: they must define compiled kernels, not interpreted ones
@@ -515,16 +736,29 @@ def main(argv=None) -> int:
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-    jobs = [j for family in (args.only or FAMILIES) for t in args.targets for j in FAMILIES[family](TARGETS[t], args.quick)]
+    families = args.only or [*FAMILIES, "cuda"]
+    jobs = [j for family in families if family in FAMILIES for t in args.targets
+            for j in FAMILIES[family](TARGETS[t], args.quick)]
     print(f"check-sass: {len(jobs)} compiles on {args.jobs} processes (Triton {triton.__version__})", flush=True)
     started, rows = time.time(), []
-    with ProcessPoolExecutor(args.jobs) as pool:
-        for i, row in enumerate(pool.map(run_job, jobs), 1):
-            rows.append(row)
-            if i % 20 == 0 or i == len(jobs):
-                print(f"  {i}/{len(jobs)} compiled ({time.time() - started:.0f} s)", flush=True)
+    if jobs:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            for i, row in enumerate(pool.map(run_job, jobs), 1):
+                rows.append(row)
+                if i % 20 == 0 or i == len(jobs):
+                    print(f"  {i}/{len(jobs)} compiled ({time.time() - started:.0f} s)", flush=True)
     stamp = _stamp()
+    if "cuda" in families:
+        cuda = cuda_check([TARGETS[t] for t in args.targets], args.jobs)
+        if cuda is None:
+            print("check-sass: no nvcc (set NVCC): the CUDA kernels were not checked", flush=True)
+        else:
+            rows += cuda
+            stamp["nvcc"] = _nvcc_version()
+            print(f"  {len(cuda)} CUDA kernels compiled ({time.time() - started:.0f} s)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge and (args.out / "sass.json").exists():
+        rows, stamp = merge_rows(json.loads((args.out / "sass.json").read_text()), rows, stamp, families)
     (args.out / "sass.json").write_text(json.dumps({"stamp": stamp, "rows": rows}, indent=1) + "\n")
     (args.out / "sass.md").write_text(markdown(rows, stamp))
     if args.readme:

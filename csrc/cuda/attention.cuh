@@ -49,9 +49,7 @@ struct AttentionBwdParams {
   View4 q, k, v, out, dout;  // read only
   const float* lse = nullptr;  // (B, Hq, Nq) contiguous
   float* delta = nullptr;      // scratch (B, Hq, Nq) float32: rowsum(dout·out)
-  float* dq_accum = nullptr;   // scratch (B, Hq, Nq, D) float32 contiguous, zeroed by the caller
-  View4 dq;                    // written from dq_accum; ptr == nullptr when dq_accum is the result (float32)
-  View4 dk, dv;                // written (B, Hkv, Nk, D) and (B, Hkv, Nk, Dv)
+  View4 dq, dk, dv;            // written (B, Hq, Nq, D), (B, Hkv, Nk, D) and (B, Hkv, Nk, Dv), each element once
 };
 
 // Largest head dim (of q·k and of v) the kernels take.

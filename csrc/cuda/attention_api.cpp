@@ -126,8 +126,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     return {dq.zero_(), dk.zero_(), dv.zero_()};
   }
 
-  const bool fp32 = q.scalar_type() == at::kFloat;
-  at::Tensor dq_accum = fp32 ? dq.zero_() : at::zeros(q.sizes(), q.options().dtype(at::kFloat));
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   const at::Tensor lse_contig = lse.contiguous();
 
@@ -140,8 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   params.dout = view4(dout);
   params.lse = lse_contig.data_ptr<float>();
   params.delta = delta.data_ptr<float>();
-  params.dq_accum = dq_accum.data_ptr<float>();
-  if (!fp32) params.dq = view4(dq);  // else dq_accum is dq and dq.ptr stays null (no conversion pass)
+  params.dq = view4(dq);
   params.dk = view4(dk);
   params.dv = view4(dv);
   check_launch(launch_attention_bwd(params, current_stream(q)), "attention_bwd");

@@ -54,6 +54,31 @@ bool has_sm80_code(Kernel kernel) {
 #endif
 }
 
+// Query-block kernels (the forward, the backward's dQ): block -> (batch, head, first query row).
+// Query blocks of one head are neighbours (their K/V stay in L2) and, under causal masking, the
+// longest rows go first.
+struct QueryBlock {
+  int b, h, hk, q0;
+};
+
+__device__ __forceinline__ QueryBlock query_block(const AttentionShape& sh, int block_rows) {
+  const int num_m_blocks = (sh.len_q + block_rows - 1) / block_rows;
+  const int64_t block = blockIdx.x;
+  const int bh = static_cast<int>(block / num_m_blocks);
+  const int m_block = num_m_blocks - 1 - static_cast<int>(block % num_m_blocks);
+  QueryBlock qb;
+  qb.b = bh / sh.heads_q;
+  qb.h = bh % sh.heads_q;
+  qb.hk = qb.h / (sh.heads_q / sh.heads_kv);
+  qb.q0 = m_block * block_rows;
+  return qb;
+}
+
+// Keys a query block can see: all of them, or (causal) those up to its last row.
+__device__ __forceinline__ int visible_keys(const AttentionShape& sh, int q0, int block_rows) {
+  return sh.causal ? min(sh.len_k, q0 + block_rows) : sh.len_k;
+}
+
 // Masked, scaled score in log2 units: -inf where the key is past Nk or above the causal diagonal,
 // plus the mask's value (times log2 e). Reads the mask only for in-range (i, j).
 __device__ __forceinline__ float masked_score_log2(float dot, const AttentionShape& sh, int b, int h, int i, int j,

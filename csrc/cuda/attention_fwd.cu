@@ -16,30 +16,6 @@ namespace fastattn {
 namespace cuda {
 namespace {
 
-// Block -> (batch, head, first query row). Query blocks of one head are neighbours (their K/V
-// stay in L2) and, under causal masking, the longest rows go first.
-struct QueryBlock {
-  int b, h, hk, q0;
-};
-
-__device__ __forceinline__ QueryBlock query_block(const AttentionShape& sh, int block_rows) {
-  const int num_m_blocks = (sh.len_q + block_rows - 1) / block_rows;
-  const int64_t block = blockIdx.x;
-  const int bh = static_cast<int>(block / num_m_blocks);
-  const int m_block = num_m_blocks - 1 - static_cast<int>(block % num_m_blocks);
-  QueryBlock qb;
-  qb.b = bh / sh.heads_q;
-  qb.h = bh % sh.heads_q;
-  qb.hk = qb.h / (sh.heads_q / sh.heads_kv);
-  qb.q0 = m_block * block_rows;
-  return qb;
-}
-
-// Keys a query block can see: all of them, or (causal) those up to its last row.
-__device__ __forceinline__ int visible_keys(const AttentionShape& sh, int q0, int block_rows) {
-  return sh.causal ? min(sh.len_k, q0 + block_rows) : sh.len_k;
-}
-
 // lse of a finished row (max in log2 units, sum of exp2): natural log, +inf when fully masked, NaN when
 // a score was NaN (a NaN query row or scale: the sum is NaN), so the backward gives NaN too.
 __device__ __forceinline__ float row_lse(float row_max_log2, float row_sum) {
@@ -50,8 +26,11 @@ __device__ __forceinline__ float row_lse(float row_max_log2, float row_sum) {
 // tensor-core kernel (sm_80+)
 // =============================================================================================
 
+// Compiled for 8 / kWarps blocks per SM (one of 8 warps, two of 4): without that bound ptxas picks its
+// own occupancy target and spills to reach it (head dim 32, 8 warps, sm_80: 224 bytes; head dim
+// 256, sm_90a: 36 bytes); with it no variant spills (benchmarks/check_sass.py's CUDA rows).
 template <typename T, int kHeadDim, int kBlockN, int kWarps, int kStages>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     attention_fwd_mma_kernel(const AttentionFwdParams p, const VecFlags vec, const bool vec_out) {
 #if FASTATTN_SM80
   constexpr int kBlockM = 16 * kWarps, kThreads = kWarps * 32, kLd = kHeadDim + 8;

@@ -269,7 +269,13 @@ cudaError_t run_grid(int64_t blocks, int threads, size_t smem_bytes, const std::
   m.fibers.resize(threads);
   m.warps.assign(threads / 32, Warp{});
   std::vector<int> order(threads);
-  for (int64_t block = 0; block < blocks && m.error.empty(); ++block) {
+  // Blocks run one after another, in a shuffled order: a GPU promises no order between blocks,
+  // so results that depend on it (float atomics from several blocks) differ from run to run.
+  std::vector<int64_t> block_order(static_cast<size_t>(blocks));
+  for (int64_t block = 0; block < blocks; ++block) block_order[static_cast<size_t>(block)] = block;
+  std::shuffle(block_order.begin(), block_order.end(), m.rng);
+  for (size_t position = 0; position < block_order.size() && m.error.empty(); ++position) {
+    const int64_t block = block_order[position];
     m.block_idx = {static_cast<unsigned>(block), 0, 0};
     std::memset(m.shared.data(), 0xff, smem_bytes);  // unwritten shared memory reads as NaN
     m.block_barrier = Barrier{0, threads, 0};

@@ -1,7 +1,8 @@
 // A software CUDA device for testing the fastattn kernels on a machine without a GPU.
 //
 // The .cu files are compiled as C++ (FASTATTN_EMULATE) and each block of a launch runs as one
-// fiber per CUDA thread on a single OS thread. Fibers switch only at the points where CUDA
+// fiber per CUDA thread on a single OS thread; the blocks of a launch run one at a time in a
+// shuffled order. Fibers switch only at the points where CUDA
 // threads synchronise: __syncthreads (the block), warp shuffles, ldmatrix and mma (the warp).
 // Races show up as wrong or NaN results because the schedule is adversarial: fibers resume in a
 // shuffled order, whole warps sit out scheduling rounds at random rates (so warps drift apart

@@ -67,14 +67,14 @@ def _build():
     return torch.ops.fastattn_emu
 
 
-def assert_guards_intact(t: torch.Tensor, name: str) -> None:
-    """The GUARD elements before and after an output in its allocation are still NaN: no kernel
+def assert_guards_intact(t: torch.Tensor, name: str, guard: int = GUARD) -> None:
+    """The `guard` elements before and after an output in its allocation are still NaN: no kernel
     wrote past either end of it."""
     if not t.is_floating_point() or t.numel() == 0:
         return
     flat = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (t.untyped_storage().nbytes() // t.element_size(),))
     start, end = t.storage_offset(), t.storage_offset() + t.numel()
-    assert start == GUARD and flat.numel() == end + GUARD, f"{name}: not allocated with guard bands"
+    assert start == guard and flat.numel() == end + guard, f"{name}: not allocated with guard bands"
     before, after = flat[:start], flat[end:]
     assert torch.isnan(before).all(), f"{name}: written before its start at {(~torch.isnan(before)).nonzero().flatten()}"
     assert torch.isnan(after).all(), f"{name}: written past its end at {(~torch.isnan(after)).nonzero().flatten()}"
@@ -188,8 +188,9 @@ def _attention_mask(kind, b, h, n_q, n_k, dtype):
     raise ValueError(kind)
 
 
-# Sizes give every kernel several key blocks (online-softmax rescaling, the cp.async pipeline,
-# dQ atomics from several blocks) and most of them several query blocks.
+# Sizes give every kernel several key blocks (online-softmax rescaling, the cp.async pipelines of
+# the forward and the backward's dQ kernel) and most of them several query blocks (the pipeline of
+# the backward's dK/dV kernel, across the query heads of a GQA group too).
 ATTENTION_CASES = [
     # dtype, B, Hq, Hkv, Nq, Nk, D, Dv, causal, mask, dropout, layout
     ("fp16", 1, 2, 2, 70, 150, 64, 64, False, None, 0.0, "contiguous"),
@@ -204,10 +205,13 @@ ATTENTION_CASES = [
     ("fp32", 1, 1, 1, 9, 40, 256, 256, False, None, 0.0, "contiguous"),
 ]
 # Ragged lengths around every block size the attention kernels use (query blocks 64/32/16/8, key
-# blocks 64/32/16; which one depends on D, the arch and fwd/bwd): Nq and Nk = block - 1, block + 1,
-# 2·block - 1, so a last block that is one row short or one row over shows. A list of its own so
-# that a kernel change (e.g. the backward's dQ phase) can extend it without touching the rest.
-RAGGED_BLOCKS = {64: (64, 32), 128: (32, 16), 256: (16, 8)}  # D -> the block sizes its kernels use
+# blocks 64/32/16; which one depends on D, the arch and the kernel: forward, backward dK/dV, backward
+# dQ): Nq and Nk = block - 1, block + 1, 2·block - 1, so a last block that is one row short or one
+# row over shows. A list of its own so that a kernel change can extend it without touching the rest.
+# D -> the block sizes its kernels use: 64: mma 64 (fwd, dK/dV, dQ), CUDA-core 32; 128: mma 64 (fwd,
+# dK/dV keys, dQ rows) and 32 (dK/dV query blocks, dQ key blocks), CUDA-core 16 (and 32 fwd keys);
+# 256: CUDA-core 16 and 8.
+RAGGED_BLOCKS = {64: (64, 32), 128: (64, 32, 16), 256: (16, 8)}
 ATTENTION_RAGGED_CASES = [
     (dtype, 1, 2, 1, nq, nk, d, d, causal, None, 0.0, "contiguous")
     for d, blocks in RAGGED_BLOCKS.items()
@@ -296,6 +300,58 @@ def test_attention_gqa_group_of_four_causal_long(ops, emulated_sm):
         (dq, dk, dv), torch.autograd.grad(oracle, leaves64, dout.double()), torch.autograd.grad(naive, leaves, dout)
     ):
         assert_rule(got, ref, want, k=3)
+
+
+@pytest.mark.parametrize("sm,dtype_name", [(80, "fp16"), (80, "bf16"), (75, "fp16"), (80, "fp32")])
+def test_attention_backward_is_deterministic(ops, emulated_sm, sm, dtype_name):
+    """Two backward calls on the same inputs give bitwise-equal gradients. The emulator runs the
+    blocks of a launch in a new shuffled order on every call, so a gradient summed across blocks
+    in block order (float atomics) differs between the calls; each dQ, dK and dV element must have
+    one owner that sums in a fixed order. Several key and query blocks, GQA 2:1, causal, a mask and
+    dropout, so every path that adds into a gradient takes part."""
+    emulated_sm(sm)
+    dtype = DTYPES[dtype_name]
+    b, hq, hkv, nq, nk, d = 1, 4, 2, 97, 161, 64
+    q = torch.randn(b, hq, nq, d).to(dtype)
+    k = torch.randn(b, hkv, nk, d).to(dtype)
+    v = torch.randn(b, hkv, nk, d).to(dtype)
+    mask = _attention_mask("key_padding", b, hq, nq, nk, dtype).expand(b, hq, nq, nk)
+    seed = torch.tensor([4242])
+    out, lse = ops.attention_fwd(q, k, v, mask, 0.125, True, 0.1, seed)
+    dout = torch.randn_like(out)
+    first = ops.attention_bwd(dout, q, k, v, out, lse, mask, 0.125, True, 0.1, seed)
+    second = ops.attention_bwd(dout, q, k, v, out, lse, mask, 0.125, True, 0.1, seed)
+    for name, x, y in zip(("dq", "dk", "dv"), first, second):
+        assert not torch.isnan(x).any(), name
+        assert torch.equal(x, y), f"{name}: two runs differ in {(x != y).sum().item()} elements"
+
+
+@pytest.mark.parametrize("dtype_name,d", [("fp16", 64), ("bf16", 128)])
+def test_attention_vectorized_stores(ops, emulated_sm, monkeypatch, dtype_name, d):
+    """The forward's out and the backward's dq are stored two elements at a time when the output is
+    4-byte aligned; the odd guard band of the other tests (67 elements) never is, so this test
+    allocates the outputs behind a 64-element band. Ragged Nq/Nk, causal, GQA 2:1."""
+    emulated_sm(80)
+    monkeypatch.setenv("FASTATTN_GUARD_OUTPUTS", "64")
+    raw = ops._ops
+    dtype = DTYPES[dtype_name]
+    q = torch.randn(1, 2, 67, d).to(dtype)
+    k = torch.randn(1, 1, 75, d).to(dtype)
+    v = torch.randn(1, 1, 75, d).to(dtype)
+    out, lse = raw.attention_fwd(q, k, v, None, 0.1, True, 0.0, None)
+    dout = torch.randn_like(out)
+    grads = raw.attention_bwd(dout, q, k, v, out, lse, None, 0.1, True, 0.0, None)
+    for name, t in zip(("out", "dq", "dk", "dv"), (out, *grads)):
+        assert t.storage_offset() * t.element_size() % 4 == 0, f"{name}: not 4-byte aligned, the test misses its point"
+        assert_guards_intact(t, name, guard=64)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    oracle = reference.attention(*leaves64, None, 0.0, True, 0.1, True)
+    naive = reference.attention(*leaves, None, 0.0, True, 0.1, True)
+    assert_rule(out, naive, oracle, k=2, name="out")
+    for name, got, want, ref in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(oracle, leaves64, dout.double()),
+                                    torch.autograd.grad(naive, leaves, dout)):
+        assert_rule(got, ref, want, k=3, name=name)
 
 
 def test_attention_rejects_bad_arguments(ops):
