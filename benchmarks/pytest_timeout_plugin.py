@@ -11,6 +11,7 @@ so one run (one junit XML) covers both selections.
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -57,3 +58,13 @@ def pytest_runtest_protocol(item, nextitem):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def pytest_configure(config):
+    # a precompile worker of the GPU check (benchmarks.gpu_check.precompile): launch one candidate
+    # config per autotuned kernel, benchmark none
+    index = os.environ.get("GPU_CHECK_CONFIG_INDEX")
+    if index is not None:
+        from benchmarks.gpu_check import force_config_index
+
+        force_config_index(int(index))
