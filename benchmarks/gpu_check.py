@@ -439,18 +439,25 @@ def precompile(command: list[str], env: dict, work: Path, name: str, deadline_s:
 
 def force_config_index(index: int) -> None:
     """Every triton.autotune'd kernel launches its ``index``-th config (modulo the configs left after
-    its pruning) without benchmarking: a precompile worker's way to compile one candidate per kernel."""
+    its pruning) without benchmarking: a precompile worker's way to compile one candidate per kernel.
+    A config that cannot run (out of shared memory, say: the autotuner would time it as infinite)
+    hands over to the next one, so the worker's later kernels (the backward) still compile."""
     from triton.runtime.autotuner import Autotuner
 
     def run(self, *args, **kwargs):
         self.nargs = dict(zip(self.arg_names, args))
         try:
             configs = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
-            config = configs[index % len(configs)]
-            self.best_config = config
-            if config.pre_hook is not None:
-                config.pre_hook({**self.nargs, **kwargs, **config.all_kwargs()})
-            return self.fn.run(*args, **kwargs, **config.all_kwargs())
+            for attempt in range(len(configs)):
+                config = configs[(index + attempt) % len(configs)]
+                self.best_config = config
+                if config.pre_hook is not None:
+                    config.pre_hook({**self.nargs, **kwargs, **config.all_kwargs()})
+                try:
+                    return self.fn.run(*args, **kwargs, **config.all_kwargs())
+                except Exception:
+                    if attempt == len(configs) - 1:
+                        raise
         finally:
             self.nargs = None
 
@@ -742,7 +749,7 @@ def stage_bench(args) -> dict:
     workers = 1 if args.dry_run else min(16, os.cpu_count() or 1)
     cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--stage", "precompile", "--out", str(args.out),
            "--work", str(args.work)] + (["--dry-run"] if args.dry_run else [])
-    result["precompile"] = precompile(cmd, dict(os.environ), args.work, "bench", 0.25 * budget, workers)
+    result["precompile"] = precompile(cmd, dict(os.environ), args.work, "bench", 0.2 * budget, workers)
 
     recorder = TuningRecorder()
     recorder.install()
@@ -754,7 +761,7 @@ def stage_bench(args) -> dict:
         atomic_write(args.out / "autotune.json", json.dumps({**record, **recorder.as_json()}, indent=1, default=str))
 
     tune_started = time.monotonic()
-    record["tune_pass"] = run_triton_cases(args, started + 0.6 * budget, on_case=dump)
+    record["tune_pass"] = run_triton_cases(args, started + 0.5 * budget, on_case=dump)
     record["tune_pass"]["elapsed_s"] = round(time.monotonic() - tune_started, 1)
     dump()
     result["tune_pass"] = record["tune_pass"]

@@ -120,6 +120,10 @@ def double(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(y_ptr + offs, 2 * tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
 
+if sys.argv[1:] == ["0", "broken"]:  # config 0 cannot run: config 1 takes over
+    run = double.fn.run
+    double.fn.run = lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("out of resources")) \
+        if kw["BLOCK"] == 16 else run(*a, **kw)
 if sys.argv[1] == "record":
     recorder = gpu_check.TuningRecorder()
     recorder.install()
@@ -156,9 +160,10 @@ def test_recorder_records_each_autotuning_once():
     assert got["fixed_configs"] == []
 
 
-@pytest.mark.parametrize("index,block", [(0, 16), (1, 32), (3, 32)])
-def test_precompile_worker_launches_its_config_untuned(index, block):
-    got = run_script(str(index))
+@pytest.mark.parametrize("argv,block", [(["0"], 16), (["1"], 32), (["3"], 32), (["0", "broken"], 32)],
+                         ids=["first", "second", "modulo", "falls-over"])
+def test_precompile_worker_launches_its_config_untuned(argv, block):
+    got = run_script(*argv)
     assert got == {"cache": 0, "best": {"BLOCK": block}}
 
 
