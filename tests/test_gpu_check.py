@@ -99,7 +99,12 @@ def test_dry_run_records_the_launch_configs_of_every_triton_family(dry_run):
     summary = (dry_run / "summary.md").read_text()
     assert "## Triton autotuning (autotune.json)" in summary and "attention _attn_bwd_dq_kernel" in summary
     tests = read_state(dry_run)["results"]["tests"]
-    assert tests["speed"]["returncode"] == 0 and tests["speed_precompile"]["returncodes"] == [0]
+    assert tests["speed"]["returncode"] == 0 and tests["suite"]["returncodes"] == [0] and tests["gpu"]["returncode"] == 0
+    assert read_state(dry_run)["results"]["bench"]["precompile"]["returncodes"] == [0]
+    names = (dry_run / "junit.xml").read_text()
+    for name in ("test_cpu_autocast_returns_torchs_dtype", "test_scalar_and_1d", "test_length_bucket",
+                 "test_empty"):  # every part's cases are in the one junit XML
+        assert name in names, name
 
 
 RECORDER_SCRIPT = """
@@ -266,3 +271,21 @@ def test_per_test_timeout_plugin_fails_a_hanging_test(tmp_path):
     assert time.monotonic() - started < 20
     assert done.returncode == 1 and "1 failed, 1 passed" in done.stdout, done.stdout
     assert "per-test timeout" in done.stdout
+
+
+def test_shards_are_disjoint_cover_everything_and_keep_a_function_together(tmp_path):
+    (tmp_path / "test_many.py").write_text(
+        "import pytest\n\n" + "".join(f"def test_f{i}():\n    pass\n\n" for i in range(6))
+        + "@pytest.mark.parametrize('x', range(4))\ndef test_p(x):\n    pass\n")
+    seen = []
+    for i in range(3):
+        done = subprocess.run([sys.executable, "-m", "pytest", "-p", "benchmarks.pytest_timeout_plugin", "-p", "no:xdist",
+                               "-p", "no:cacheprovider", "--shard", f"{i}/3", "--collect-only", "-q", "--rootdir",
+                               str(tmp_path), str(tmp_path / "test_many.py")],
+                              cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True,
+                              text=True, timeout=60)
+        ids = [line.split("::")[-1] for line in done.stdout.splitlines() if "::" in line]
+        params = [t for t in ids if t.startswith("test_p[")]
+        assert len(params) in (0, 4), ids  # all of test_p's parametrizations in one shard
+        seen += ids
+    assert sorted(seen) == sorted([f"test_f{i}" for i in range(6)] + [f"test_p[{x}]" for x in range(4)])
