@@ -505,24 +505,24 @@ def run_pytest(selections: list[list[str]], junits: list[Path], budget_s: float,
 
 
 def stage_tests(args) -> dict:
-    """The gpu-marked tests first, in one process (some time the GPU: nothing else runs), then the
-    CPU suite's attention/softmax/FFN/norm tests on CUDA tensors in shards run at once (compiling
-    is most of their time: all cores compile), then the speed tests, autotuned, after a precompile;
-    one junit.xml, rewritten after each part."""
+    """The bandwidth tests first, alone (they time the GPU: nothing else may run), then the other
+    gpu-marked tests and the CPU suite's attention/softmax/FFN/norm tests on CUDA tensors, in shards
+    run at once (compiling is most of their time: all cores compile), then the speed tests,
+    autotuned, after a precompile; one junit.xml, rewritten after each part."""
     junit = args.out / "junit.xml"
     # (the dry run: one shard, and no speed precompile, whose code the bench stage's precompile runs:
     # every pytest start costs seconds on a small CPU)
     shards = 1 if args.dry_run else max(1, min(6, (os.cpu_count() or 2) // 2))
-    parts = {"gpu": [args.work / "junit_gpu.xml"], "suite": [args.work / f"junit_suite_{i}.xml" for i in range(shards)],
+    parts = {"serial": [args.work / "junit_serial.xml"], "suite": [args.work / f"junit_suite_{i}.xml" for i in range(shards)],
              "speed": [args.work / "junit_speed.xml"]}
     if args.dry_run:
-        gpu = ["tests/test_attention.py", "-k", "empty", "-x"]
+        serial = ["tests/test_attention.py", "-k", "empty", "-x"]
         suite = ["tests/test_softmax.py", "-k", "cpu_autocast or scalar_and_1d"]
         speed = [SPEED_TESTS, "-k", "length_bucket", "-x"]
         workers = 0
     else:
-        gpu = ["tests", "-m", "gpu", f"--ignore={SPEED_TESTS}"]
-        suite = [f"tests/{name}" for name in TEST_FILES] + ["-m", "not gpu"]
+        serial = ["tests", "-m", "gpu", "-k", "bandwidth", f"--ignore={SPEED_TESTS}"]
+        suite = ["tests", "--gpu-or-files", ",".join(TEST_FILES), "-k", "not bandwidth", f"--ignore={SPEED_TESTS}"]
         speed = [SPEED_TESTS, "-m", "gpu"]
         workers = min(16, os.cpu_count() or 1)
     budget = float(os.environ.get("GPU_CHECK_STAGE_BUDGET_S", "600")) - 20  # 20 s for the last junit and summary
@@ -530,11 +530,13 @@ def stage_tests(args) -> dict:
     env = dict(os.environ)
     fixed = dict(env, FASTATTN_AUTOTUNE="0")
     all_parts = [p for group in parts.values() for p in group]
-    result = {"gpu": run_pytest([gpu], parts["gpu"], 0.35 * budget, fixed, 60.0)}
+    result = {"serial": run_pytest([serial], parts["serial"], 0.15 * budget, fixed, 60.0)}
     merge_junit(all_parts, junit)
     left = budget - (time.monotonic() - started)
+    # each shard's Inductor compiles with its share of the cores (its default is one worker per core)
+    threads = str(max(1, (os.cpu_count() or 1) // shards))
     result["suite"] = run_pytest([suite + ["--shard", f"{i}/{shards}"] for i in range(shards)], parts["suite"],
-                                 0.55 * left, fixed, 60.0)
+                                 0.6 * left, dict(fixed, TORCHINDUCTOR_COMPILE_THREADS=threads), 60.0)
     merge_junit(all_parts, junit)
     left = budget - (time.monotonic() - started)
     env.pop("FASTATTN_AUTOTUNE", None)
@@ -544,7 +546,7 @@ def stage_tests(args) -> dict:
     left = budget - (time.monotonic() - started)
     result["speed"] = run_pytest([speed], parts["speed"], left, env, 90.0)
     merge_junit(all_parts, junit)
-    runs = [result[k] for k in ("gpu", "suite", "speed")]
+    runs = [result[k] for k in ("serial", "suite", "speed")]
     result["returncode"] = max((r["returncode"] or 0 for r in runs), key=abs)
     result["interrupted_at_deadline"] = any(r["interrupted_at_deadline"] for r in runs)
     if junit.exists():
