@@ -616,7 +616,10 @@ class TuningRecorder:
     def __init__(self):
         self.tunings: list[dict] = []
         self.fixed: dict[tuple, dict] = {}
+        self.known: dict[int, set] = {}  # id(Autotuner) -> the cache keys recorded
         self.depth = 0
+        self.launches = True  # record untuned launch configs (stop_launches: not while timing)
+        self.originals: list[tuple] = []
 
     def install(self) -> None:
         from triton.runtime import autotuner, jit
@@ -625,15 +628,18 @@ class TuningRecorder:
         tune_run = autotuner.Autotuner.run
 
         def run_autotuner(tuner, *args, **kwargs):
-            before = set(tuner.cache)
+            # a len() and a clock per launch: cheap enough to stay on while the bench times kernels
+            cached = len(tuner.cache)
             recorder.depth += 1
             started = time.perf_counter()
             try:
                 return tune_run(tuner, *args, **kwargs)
             finally:
                 recorder.depth -= 1
-                recorder.after_autotuner(tuner, before, time.perf_counter() - started, args, kwargs)
+                if len(tuner.cache) != cached or (recorder.launches and len(tuner.configs) <= 1):
+                    recorder.after_autotuner(tuner, time.perf_counter() - started, args, kwargs)
 
+        self.originals.append((autotuner.Autotuner, tune_run))
         autotuner.Autotuner.run = run_autotuner
         classes = [jit.JITFunction]
         try:
@@ -643,7 +649,15 @@ class TuningRecorder:
         except ImportError:
             pass
         for cls in classes:
+            self.originals.append((cls, cls.run))
             cls.run = self._wrap_launch(cls.run)
+
+    def stop_launches(self) -> None:
+        """Untuned launches are no longer recorded, and cost nothing more (the bench times them);
+        autotunings still are."""
+        self.launches = False
+        for cls, run in self.originals[1:]:
+            cls.run = run
 
     def _wrap_launch(self, launch):
         recorder = self
@@ -667,7 +681,7 @@ class TuningRecorder:
             names = list(inspect.signature(getattr(fn, "fn", fn)).parameters)
         return list(names)
 
-    def after_autotuner(self, tuner, before: set, wall_s: float, args, kwargs) -> None:
+    def after_autotuner(self, tuner, wall_s: float, args, kwargs) -> None:
         try:
             family, kernel = _kernel_name(tuner)
             names = self._names(tuner)
@@ -676,7 +690,9 @@ class TuningRecorder:
                 self._fixed(family, kernel, config, wall_s, _scalars(names, args, kwargs), autotuned=False)
                 return
             timings = dict(getattr(tuner, "configs_timings", None) or {})
-            for key in [k for k in tuner.cache if k not in before]:
+            known = self.known.setdefault(id(tuner), set())
+            for key in [k for k in tuner.cache if k not in known]:
+                known.add(key)
                 if len(self.tunings) >= self.LIMIT:
                     return
                 keys = list(getattr(tuner, "keys", []))
@@ -790,6 +806,7 @@ def stage_bench(args) -> dict:
     record["tune_pass"]["elapsed_s"] = round(time.monotonic() - tune_started, 1)
     dump()
     result["tune_pass"] = record["tune_pass"]
+    recorder.stop_launches()
 
     from benchmarks import FAMILIES, run
 

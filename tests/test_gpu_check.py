@@ -129,9 +129,12 @@ if sys.argv[1:] == ["0", "broken"]:  # config 0 cannot run: config 1 takes over
     run = double.fn.run
     double.fn.run = lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("out of resources")) \
         if kw["BLOCK"] == 16 else run(*a, **kw)
+from triton.runtime.interpreter import InterpretedFunction
+original = InterpretedFunction.run
 if sys.argv[1] == "record":
     recorder = gpu_check.TuningRecorder()
     recorder.install()
+    assert InterpretedFunction.run is not original
 else:
     gpu_check.force_config_index(int(sys.argv[1]))
 x = torch.randn(100)
@@ -140,6 +143,9 @@ for n in (100, 100, 50):
     double[lambda m: (triton.cdiv(n, m["BLOCK"]),)](x, y, n)
     assert torch.equal(y[:n], 2 * x[:n]) and not y[n:].any()
 if sys.argv[1] == "record":
+    recorder.stop_launches()  # launches cost nothing more; a new key is still recorded
+    assert InterpretedFunction.run is original
+    double[lambda m: (triton.cdiv(70, m["BLOCK"]),)](x, y, 70)
     print(json.dumps(recorder.as_json(), default=str))
 else:
     print(json.dumps({"cache": len(double.cache), "best": double.best_config.kwargs}))
@@ -157,7 +163,7 @@ def test_recorder_records_each_autotuning_once():
     """Two keys (n=100 twice, n=50): two tunings, each with the config chosen, the configs tried and
     the time it took; the launches inside the tuning are not counted as untuned launches."""
     got = run_script("record")
-    assert [t["key"]["n"] for t in got["tunings"]] == [100, 50]
+    assert [t["key"]["n"] for t in got["tunings"]] == [100, 50, 70]
     for t in got["tunings"]:
         assert t["kernel"] == "double" and t["configs_tried"] == 2 and len(t["timings_ms"]) == 2
         assert t["chosen"]["kwargs"]["BLOCK"] in (16, 32) and t["chosen"]["num_warps"] in (1, 2)
@@ -226,8 +232,10 @@ def test_a_120_s_budget_ends_within_130_s_when_the_last_stage_hangs(tmp_path):
     assert elapsed >= 0.9 * budget, "the hung stage was not given the rest of the budget"
     state = read_state(tmp_path)
     assert state["finished"] and state["stages"]["bench"]["status"] == "timeout"
-    # on a loaded CPU the dry run's tests may need more than their share of 120 s: cut, not failed
-    assert all(state["stages"][s]["status"] in ("ok", "timeout") for s in ("env", "build", "tests", "sanitizer"))
+    # on a loaded CPU the dry run's tests may need more than their share of 120 s: pytest interrupted
+    # at the deadline fails the stage, or the stage itself runs out; either way it is reported
+    stages = {name: rec["status"] for name, rec in state["stages"].items()}
+    assert stages["tests"] in ("ok", "failed", "timeout") and stages["sanitizer"] in ("ok", "timeout"), stages
     assert state["stages"]["env"]["status"] == state["stages"]["build"]["status"] == "ok", state["stages"]
     assert process_gone(state["stages"]["bench"]["pid"])
     assert "- bench: timeout" in (tmp_path / "summary.md").read_text()
