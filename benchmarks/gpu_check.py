@@ -418,19 +418,25 @@ def precompile(command: list[str], env: dict, work: Path, name: str, deadline_s:
     """Runs ``command`` in ``workers`` processes at once, worker i with GPU_CHECK_CONFIG_INDEX=i (every
     Autotuner launches its i-th config, benchmarking none): the candidates compile on all cores into
     Triton's disk cache, so the autotuning that follows in one process only loads them. Best effort:
-    killed at ``deadline_s``; what they compiled by then is kept."""
+    killed at ``deadline_s``; what they compiled by then is kept. The workers stay in the stage's
+    process group, so a stage killed at its deadline (or with the harness) takes them with it."""
     started, procs = time.monotonic(), []
     for i in range(workers):
         log = open(work / f"precompile_{name}_{i}.log", "w")
         procs.append((subprocess.Popen(command, cwd=REPO_ROOT, env=dict(env, GPU_CHECK_CONFIG_INDEX=str(i)), stdout=log,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True), log))
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL), log))
     codes = []
     for proc, log in procs:
         try:
             proc.wait(timeout=max(0.1, started + deadline_s - time.monotonic()))
             codes.append(proc.returncode)
         except subprocess.TimeoutExpired:
-            kill_group(proc)
+            proc.terminate()
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             codes.append("timeout")
         log.close()
     return {"workers": workers, "returncodes": codes, "elapsed_s": round(time.monotonic() - started, 1),

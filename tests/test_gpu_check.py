@@ -297,3 +297,11 @@ def test_shards_are_disjoint_cover_everything_and_keep_a_function_together(tmp_p
         assert len(params) in (0, 4), ids  # all of test_p's parametrizations in one shard
         seen += ids
     assert sorted(seen) == sorted([f"test_f{i}" for i in range(6)] + [f"test_p[{x}]" for x in range(4)])
+
+
+def test_precompile_kills_its_workers_at_the_deadline(tmp_path):
+    started = time.monotonic()
+    got = gpu_check.precompile([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), tmp_path,
+                               "t", 1.0, 2)
+    assert time.monotonic() - started < 15
+    assert got["returncodes"] == ["timeout", "timeout"] and got["workers"] == 2
