@@ -59,6 +59,7 @@ bench: build
 
 # The prepared check for a lent GPU: one call (timeout 570 s), everything that matters in OUT (at most
 # 8 files): environment and ceilings, build, GPU tests, compute-sanitizer, key benchmarks, summary.md.
+# Its own log is OUT/gpu_check.log, so `make gpu-check OUT=$OUT | tee $OUT/log.txt` keeps both.
 OUT ?= gpu-check-out
 BUDGET ?= 480
 GPU_CHECK_ARGS ?=

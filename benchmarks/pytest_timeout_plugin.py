@@ -6,12 +6,15 @@
 pytest-timeout may be absent on the GPU machine (no network), so a test that hangs is ended here
 with SIGALRM (main thread, POSIX only) and fails with a clear message; the run goes on.
 ``--gpu-or-files`` keeps the ``gpu``-marked tests of every file plus all tests of the files named,
-so one run (one junit XML) covers both selections.
+so one run (one junit XML) covers both selections. ``--shard I/K`` keeps one of K disjoint parts
+(by test function), for K processes at once.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import zlib
 from pathlib import Path
 
 import pytest
@@ -25,15 +28,25 @@ def pytest_addoption(parser):
     group = parser.getgroup("gpu-check")
     group.addoption("--per-test-timeout", type=float, default=60.0, help="seconds per test, 0 = none (default 60)")
     group.addoption("--gpu-or-files", default="", help="keep gpu-marked tests and every test of these files")
+    group.addoption("--shard", default="", help="I/K: keep the tests of every K-th test function, from the I-th")
+
+
+def shard_of(item, shards: int) -> int:
+    """A test function's parametrizations stay in one shard (they share compiled kernels)."""
+    function = item.nodeid.split("[", 1)[0]
+    return zlib.crc32(function.encode()) % shards
 
 
 def pytest_collection_modifyitems(config, items):
     names = {n.strip() for n in config.getoption("--gpu-or-files").split(",") if n.strip()}
-    if not names:
+    shard = config.getoption("--shard")
+    index, shards = (int(x) for x in shard.split("/")) if shard else (0, 1)
+    if not names and shards == 1:
         return
     kept, dropped = [], []
     for item in items:
-        wanted = "gpu" in item.keywords or Path(str(item.fspath)).name in names
+        wanted = not names or "gpu" in item.keywords or Path(str(item.fspath)).name in names
+        wanted = wanted and shard_of(item, shards) == index
         (kept if wanted else dropped).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
@@ -57,3 +70,13 @@ def pytest_runtest_protocol(item, nextitem):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def pytest_configure(config):
+    # a precompile worker of the GPU check (benchmarks.gpu_check.precompile): launch one candidate
+    # config per autotuned kernel, benchmark none
+    index = os.environ.get("GPU_CHECK_CONFIG_INDEX")
+    if index is not None:
+        from benchmarks.gpu_check import force_config_index
+
+        force_config_index(int(index))

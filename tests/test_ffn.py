@@ -389,6 +389,28 @@ def test_triton_autotune_pruning(shared_memory, capability, dtype, gated):
                 assert any(c.kwargs["BLOCK_M"] == 128 for c in kept)
 
 
+def test_triton_fixed_config_without_autotuning(monkeypatch):
+    """FASTATTN_AUTOTUNE=0 (the GPU check's tests) gives the FFN kernels one config, one both tile
+    lists hold, that fits A100 shared memory and the register limit for every dtype, gated or not."""
+    pytest.importorskip("triton")
+    from fastattn.triton import ffn
+
+    monkeypatch.setattr(ffn, "_INTERPRETING", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("FASTATTN_AUTOTUNE", "0")
+    (config,) = ffn._configs(ffn._FWD_TILES)
+    bm, bh, bk = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_H"], config.kwargs["BLOCK_K"]
+    assert (bm, bh, bk, config.num_warps, config.num_stages) == ffn._FIXED_TILE
+    assert ffn._FIXED_TILE in ffn._FWD_TILES and ffn._FIXED_TILE in ffn._BWD_TILES
+    assert len(ffn._configs(ffn._BWD_TILES)) == 1
+    for dtype in DTYPES:
+        size = torch.empty(0, dtype=dtype).element_size()
+        assert config.num_stages * (bm * bk + 2 * bh * bk) * size <= 166912
+    assert 3 * bm * bh <= 96 * 32 * config.num_warps  # the gated backward's three accumulators
+    monkeypatch.setenv("FASTATTN_AUTOTUNE", "1")
+    assert len(ffn._configs(ffn._FWD_TILES)) == len(ffn._FWD_TILES)
+
+
 # --------------------------------------------------------------------------------------------
 # activation memory: what the backward keeps
 # --------------------------------------------------------------------------------------------
