@@ -334,13 +334,13 @@ def test_triton_refuses_float64_with_reason():
 # --------------------------------------------------------------------------------------------
 
 
-# Tiles ptxas spilled in the committed `make check-sass` sweep (benchmarks/results/static/sass.json,
-# Triton 3.9, before the per-architecture budgets): (capability, fp32, gated, backward) -> tiles
+# Tiles ptxas spilled in the `make check-sass` sweeps (Triton 3.9 before the per-architecture budgets,
+# and Triton 3.6): (capability, fp32, gated, backward) -> tiles
 _SPILLED_FFN_TILES = {
     (90, False, False, False): {(128, 64, 64, 4, 4)},
-    (90, False, True, False): {(64, 64, 64, 4, 4)},
+    (90, False, True, False): {(64, 64, 64, 4, 4), (64, 128, 64, 8, 3)},
     (90, False, False, True): set(),
-    (90, False, True, True): {(64, 64, 64, 4, 4)},
+    (90, False, True, True): {(64, 64, 64, 4, 4), (64, 128, 64, 8, 3)},
     (90, True, False, False): {(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)},
     (90, True, True, False): {(128, 64, 64, 8, 3), (64, 64, 64, 4, 4)},
     (90, True, False, True): {(128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)},
