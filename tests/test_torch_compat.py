@@ -334,6 +334,17 @@ def test_jit_script_raises_a_clear_error(name):
         torch.jit.script(module)
 
 
+def test_jit_script_error_names_a_user_subclass():
+    class MyLayer(fnn.TransformerEncoderLayer):
+        pass
+
+    subclass = r"\.MyLayer \(a subclass of fastattn\.nn\.TransformerEncoderLayer\) is not scriptable"
+    with pytest.raises(RuntimeError, match=subclass):
+        torch.jit.script(MyLayer(16, 2, 32, batch_first=True))
+    with pytest.raises(RuntimeError, match=r"^fastattn\.nn\.MultiheadAttention is not scriptable"):
+        torch.jit.script(fnn.MultiheadAttention(16, 2))
+
+
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 @pytest.mark.parametrize("name", ["mha", "encoder_layer"])
 def test_torch_export_runs_the_module(name, strict):

@@ -39,8 +39,14 @@ TORCH_TWINS: dict[type, type] = {
 
 def _not_scriptable(self):
     """torch.jit.script calls this hook on every module it scripts (submodules included)."""
+    cls = type(self)
+    if cls.__module__.startswith("fastattn."):
+        name = f"fastattn.nn.{cls.__name__}"
+    else:  # a user's subclass: name it, and the fastattn.nn class it derives from
+        base = next(c for c in cls.__mro__ if c.__module__.startswith("fastattn."))
+        name = f"{cls.__module__}.{cls.__qualname__} (a subclass of fastattn.nn.{base.__name__})"
     raise NotScriptableError(
-        f"fastattn.nn.{type(self).__name__} is not scriptable with torch.jit.script: its forward calls "
+        f"{name} is not scriptable with torch.jit.script: its forward calls "
         "fastattn's kernels through Python dispatch (backend selection, torch.library custom ops with "
         "Python autograd), which TorchScript cannot compile. Use torch.compile(module) or "
         "torch.export.export(module, args) instead (both work), or script the torch.nn module it replaces."
