@@ -218,7 +218,7 @@ def attention_jobs(target: Target, quick: bool = False) -> list[Job]:
     jobs = []
     meta = dict(device="meta")
     for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float32):
-        for d in (64, 128) if quick else (64, 128, 256):
+        for d in (64, 128) if quick else (64, 80, 96, 128, 256):  # 80, 96: the forward's split heads
             for causal in (False, True):
                 case = f"{_DTYPES[dtype]} d{d}{' causal' if causal else ''}"
                 q = torch.empty(1, 2, 4096, d, dtype=dtype, **meta)
@@ -238,7 +238,8 @@ def attention_jobs(target: Target, quick: bool = False) -> list[Job]:
 
 def _attention_configs(A, kind, d, causal, dtype, target):
     """The autotune list the runtime keeps on ``target``, plus the fixed config (FASTATTN_AUTOTUNE=0)."""
-    bd = A._block_dim(d)
+    # the columns the runtime computes: the forward splits a non-power-of-two head, the backward pads
+    bd = sum(A._head_pieces(d)) if kind in ("fwd", "decode") else A._block_dim(d)
     elem = torch.empty(0, dtype=dtype).element_size()
     as_kwargs = lambda c: (A.triton_config(kind, c).kwargs, c.warps, c.stages)  # noqa: E731
     if kind == "decode":

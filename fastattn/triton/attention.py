@@ -905,7 +905,8 @@ _BLOCKS_16BIT = {
     (80, "dkdv", 256, None): [(32, 32, 8, _F), (16, 32, 8, _F)],
     (80, "dq", 64, _F): [(128, 32, 4, _F), (64, 32, 4, _F)],
     (80, "dq", 64, _T): [(128, 32, 4, _T), (64, 32, 4, _F), (32, 64, 4, _F)],
-    (80, "dq", 128, _F): [(128, 32, 8, _F, (2,)), (64, 64, 4, _F, (2,)), (64, 32, 4, _F)],
+    # 64x64 at 4 warps spilled 12 B with a 96-wide head padded to 128 (the column masks' registers)
+    (80, "dq", 128, _F): [(128, 32, 8, _F, (2,)), (64, 64, 8, _F, (2,)), (64, 32, 4, _F)],
     (80, "dq", 128, _T): [(128, 32, 8, _T, (2,)), (64, 64, 8, _T, (2,)), (64, 32, 4, _T, (2,)), (32, 32, 4, _F)],
     (80, "dq", 256, _F): [(64, 32, 8, _T), (32, 32, 8, _T)],
     (80, "dq", 256, _T): [(64, 32, 8, _T), (32, 32, 8, _T)],
@@ -962,6 +963,10 @@ def _candidates(
     else:
         arch = 90 if (_capability() if capability is None else capability) >= 90 else 80
         blocks = _BLOCKS_16BIT[(arch, kind, width, None if kind == "dkdv" else bool(is_causal))]
+        if arch == 80 and kind == "fwd" and is_causal and block_d & (block_d - 1):
+            # a split head (96 = 64 + 32) on sm_80: the causal 128-row prologues spilled 24-32 B (Triton 3.9
+            # 128x64, 3.6 128x32); one loop does not
+            blocks = [(m, n, w, True if m == 128 else one, *st) for m, n, w, one, *st in blocks]
     limit = _shared_memory_limit() if smem_limit is None else smem_limit
     out = []
     for block_m, block_n, warps, one_loop, *stages in blocks:
