@@ -278,19 +278,10 @@ def _fwd_key_blocks(
     (C7515); a runtime branch inside one loop avoids that but crashes Triton 3.6's pipeliner."""
     if ONE_LOOP:
         # One loop over every visible block, each with the element masks: for tiles whose unrolled
-        # prologue spills (wide heads, float32 without tensor cores, some sm_80 dQ tiles; see
+        # prologue spills (wide heads, float32 without tensor cores, some sm_80 tiles; see
         # _candidates). The masks cost a select per score; the dots dominate at those widths.
-        end = tl.minimum(start_m + BLOCK_M, n_k) if IS_CAUSAL else n_k
-        for start_n in range(0, end, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            acc, acc2, l_i, m_i = _fwd_block(
-                acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, start_m, start_n, bh, seed,
-                dropout_p, qk_scale2, n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_D2, BLOCK_DV2, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
-                IS_CAUSAL or not EVEN_K, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
-            )
-        return acc, acc2, l_i, m_i
-    if IS_CAUSAL or not EVEN_K:
+        loop_end = tl.minimum(start_m + BLOCK_M, n_k) if IS_CAUSAL else n_k
+    elif IS_CAUSAL or not EVEN_K:
         first_edge = _edge_start(start_m, n_k, BLOCK_N, IS_CAUSAL)
         # the diagonal spans ceil(BLOCK_M / BLOCK_N) key blocks (one when not causal: the ragged end)
         for i in tl.static_range((BLOCK_M + BLOCK_N - 1) // BLOCK_N if IS_CAUSAL else 1):
@@ -300,15 +291,16 @@ def _fwd_key_blocks(
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_D2, BLOCK_DV2, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
                 True, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
             )
+        loop_end = first_edge
     else:
-        first_edge = n_k
-    for start_n in range(0, first_edge, BLOCK_N):
+        loop_end = n_k
+    for start_n in range(0, loop_end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc, acc2, l_i, m_i = _fwd_block(
             acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, start_m, start_n, bh, seed,
             dropout_p, qk_scale2, n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_D2, BLOCK_DV2, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
-            False, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
+            ONE_LOOP and (IS_CAUSAL or not EVEN_K), SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
         )
     return acc, acc2, l_i, m_i
 
@@ -688,21 +680,9 @@ def _dq_key_blocks(
 ):
     """dQ accumulation of query rows [start_m, start_m + BLOCK_M) over the key blocks they see: the
     masked blocks first, unrolled, then one loop over the unmasked ones (see _fwd_key_blocks)."""
-    if ONE_LOOP:
-        # One loop over every visible block, each with the element masks: for tiles whose unrolled
-        # prologue spills (wide heads, float32 without tensor cores, some sm_80 dQ tiles; see
-        # _candidates). The masks cost a select per score; the dots dominate at those widths.
-        end = tl.minimum(start_m + BLOCK_M, n_k) if IS_CAUSAL else n_k
-        for start_n in range(0, end, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            dq = _dq_block(
-                dq, q, do, lse2, delta, k_base, v_base, mask_base, start_m, start_n, bh, seed,
-                dropout_p, qk_scale2, n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
-                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
-                IS_CAUSAL or not EVEN_K, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
-            )
-        return dq
-    if IS_CAUSAL or not EVEN_K:
+    if ONE_LOOP:  # as in _fwd_key_blocks
+        loop_end = tl.minimum(start_m + BLOCK_M, n_k) if IS_CAUSAL else n_k
+    elif IS_CAUSAL or not EVEN_K:
         first_edge = _edge_start(start_m, n_k, BLOCK_N, IS_CAUSAL)
         for i in tl.static_range((BLOCK_M + BLOCK_N - 1) // BLOCK_N if IS_CAUSAL else 1):
             dq = _dq_block(
@@ -711,15 +691,16 @@ def _dq_key_blocks(
                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
                 True, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
             )
+        loop_end = first_edge
     else:
-        first_edge = n_k
-    for start_n in range(0, first_edge, BLOCK_N):
+        loop_end = n_k
+    for start_n in range(0, loop_end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         dq = _dq_block(
             dq, q, do, lse2, delta, k_base, v_base, mask_base, start_m, start_n, bh, seed,
             dropout_p, qk_scale2, n_q, n_k, stride_kn, stride_vn, stride_mm, stride_mn,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, MASK_KIND, DROPOUT,
-            False, SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
+            ONE_LOOP and (IS_CAUSAL or not EVEN_K), SCALE_FIRST, IS_CAUSAL, UPCAST_DOT, DOT_PRECISION,
         )
     return dq
 
