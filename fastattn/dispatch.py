@@ -1,15 +1,20 @@
 """Backend registry and selection: the only place that knows which backends exist.
 
-Each backend provides, per op, an autograd-capable callable and a ``supports`` function that
-returns ``None`` when the backend can serve a call or a string saying why it cannot. Backends
-register lazily (their modules are imported on first use), so importing fastattn stays cheap and
-a missing Triton or an unbuilt extension only removes that backend.
+A backend is a module of kernel providers (see fastattn/ops/__init__.py for the protocol): it
+exposes ``KERNELS`` (op family -> provider) or ``load_kernels(backend)``, and
+``unavailable_reason(device_type)``. Backends load lazily (their modules are imported on first
+use), so importing fastattn stays cheap and a missing Triton or an unbuilt extension only removes
+that backend.
 
-Selection:
+Selection, from the hashable facts of a call (``fastattn.ops.<family>.<Family>Call``):
 - forced (``FASTATTN_BACKEND=<name>`` or ``with fastattn.use_backend(name):``, the context manager
   winning over the environment): that backend or a ``BackendError`` naming it and the reason;
-- automatic: the first backend, in the order of measured speed on the tensors' device, that
-  supports the call. ``reference`` (plain PyTorch) supports everything and comes last.
+- automatic: the first backend, in the order of measured speed on the call's device type, whose
+  provider supports the call. ``reference`` (plain PyTorch) supports everything and comes last.
+The choice is cached per (family, forced backend, facts): availability is computed once per
+process per (backend, device type), and a call with the facts of an earlier one costs one dict
+lookup. ``use_backend`` and ``FASTATTN_BACKEND`` are part of the key, so changing them takes
+effect at once; ``refresh()`` forgets everything (after building the extension in-process, say).
 """
 
 from __future__ import annotations
@@ -18,8 +23,7 @@ import contextlib
 import importlib
 import os
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import torch
 
@@ -31,8 +35,7 @@ AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
 }
 
-# Where each backend's ops live: a module exposing ``OPS: dict[str, Op]`` (or a package whose
-# ``load_ops()`` returns that dict).
+# Where each backend's providers live.
 _BACKEND_MODULES = {
     "triton": "fastattn.triton",
     "cuda": "fastattn.ext",
@@ -45,73 +48,70 @@ class BackendError(RuntimeError):
     """A forced backend cannot serve a call, or an unknown backend was named."""
 
 
-@dataclass(frozen=True)
-class Op:
-    """One backend's implementation of one op.
-
-    fn: autograd-capable callable taking the op's canonical arguments.
-    supports: same arguments, returns None when ``fn`` can serve the call, else the reason.
-    """
-
-    fn: Callable
-    supports: Callable[..., str | None] = lambda *args, **kwargs: None
-
-
 _local = threading.local()
-_lock = threading.Lock()
-_ops: dict[str, dict[str, Op]] = {}  # backend -> op name -> Op
+_lock = threading.RLock()
+_providers: dict[str, dict] = {}  # backend -> family -> provider
+_modules: dict[str, object] = {}  # backend -> its module
 _load_errors: dict[str, str] = {}  # backend -> why it could not be loaded
+_unavailable: dict[tuple[str, str | None], str | None] = {}  # (backend, device type) -> reason
+_choices: dict[tuple, tuple[str, object] | str] = {}  # (family, forced, facts) -> (backend, provider) or error
 
 
-def _load(backend: str) -> dict[str, Op] | None:
+def _load(backend: str) -> dict | None:
     """Import a backend's module once; remember why it failed if it did."""
     with _lock:
-        if backend in _ops:
-            return _ops[backend]
+        if backend in _providers:
+            return _providers[backend]
         if backend in _load_errors:
             return None
         try:
             module = importlib.import_module(_BACKEND_MODULES[backend])
-            table = module.load_ops(backend) if hasattr(module, "load_ops") else module.OPS
+            table = module.load_kernels(backend) if hasattr(module, "load_kernels") else module.KERNELS
         except Exception as exc:  # ImportError, a broken extension, a Triton too old ...
             _load_errors[backend] = f"{type(exc).__name__}: {exc}"
             return None
-        _ops[backend] = table
+        _modules[backend] = module
+        _providers[backend] = table
         return table
+
+
+def _check_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
 
 def backend_unavailable_reason(backend: str, device: torch.device | str | None = None) -> str | None:
     """Why ``backend`` cannot run here (on ``device`` if given), or None if it can."""
-    if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    _check_name(backend)
     device_type = torch.device(device).type if device is not None else None
-    if backend == "triton":
-        interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-        if device_type == "cpu" and not interpreting:
-            return "triton runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1)"
-        if device_type is None and not (torch.cuda.is_available() or interpreting):
-            return "no CUDA device, and TRITON_INTERPRET is not set"
-        if device_type not in (None, "cpu", "cuda"):
-            return f"triton does not run on {device_type} tensors"
-    if backend == "cuda":
-        if device_type not in (None, "cuda"):
-            return "the cuda backend runs on CUDA tensors only"
-        if device_type is None and not torch.cuda.is_available():
-            return "no CUDA device"
-    if backend == "cpu" and device_type not in (None, "cpu"):
-        return "the cpu backend runs on CPU tensors only"
-    if _load(backend) is None:
-        return _load_errors[backend]
-    if backend in ("cuda", "cpu"):
-        from fastattn import ext
-
-        return ext.unavailable_reason(backend)
-    return None
+    key = (backend, device_type)
+    if key not in _unavailable:
+        with _lock:
+            if _load(backend) is None:
+                reason = _load_errors[backend]
+            else:
+                reason = _modules[backend].unavailable_reason(backend, device_type)
+            _unavailable[key] = reason
+    return _unavailable[key]
 
 
 def backends() -> dict[str, str | None]:
     """Each backend name mapped to None when it can serve here, or the reason it cannot."""
     return {name: backend_unavailable_reason(name) for name in BACKENDS}
+
+
+def has_kernels(backend: str, family: str) -> bool:
+    """Whether ``backend`` loads and provides kernels for ``family``."""
+    table = _load(backend)
+    return table is not None and family in table
+
+
+def provider(backend: str, family: str):
+    """``backend``'s provider of ``family`` (KeyError if none; the backend must load)."""
+    table = _load(backend)
+    if table is None:
+        raise BackendError(f"backend {backend!r} does not load: {_load_errors[backend]}")
+    return table[family]
 
 
 def forced_backend() -> str | None:
@@ -138,77 +138,94 @@ def use_backend(name: str | None) -> Iterator[None]:
         stack.pop()
 
 
-def _why_not(backend: str, op: str, device: torch.device, args, kwargs) -> str | None:
-    reason = backend_unavailable_reason(backend, device)
+def refresh() -> None:
+    """Forget loaded backends, availability and cached choices (they are computed again on use)."""
+    with _lock:
+        for cache in (_providers, _modules, _load_errors, _unavailable, _choices):
+            cache.clear()
+
+
+def _why_not(backend: str, family: str, call) -> str | None:
+    reason = backend_unavailable_reason(backend, call.device_type)
     if reason is not None:
         return reason
-    impl = _ops[backend].get(op)
+    impl = _providers[backend].get(family)
     if impl is None:
-        return f"{backend} has no {op} kernel"
-    return impl.supports(*args, **kwargs)
+        return f"{backend} has no {family} kernel"
+    return impl.supports(call)
 
 
-def select(op: str, device: torch.device, *args, **kwargs) -> tuple[str, Op]:
-    """The backend name and implementation that will run ``op`` for these arguments."""
-    forced = forced_backend()
+def _choose(family: str, forced: str | None, call) -> tuple[str, object] | str:
+    """(backend, provider), or the BackendError message."""
     if forced is not None:
-        reason = _why_not(forced, op, device, args, kwargs)
+        reason = _why_not(forced, family, call)
         if reason is not None:
-            raise BackendError(f"backend {forced!r} cannot run {op}: {reason}")
-        return forced, _ops[forced][op]
+            return f"backend {forced!r} cannot run {family}: {reason}"
+        return forced, _providers[forced][family]
     tried = []
-    for backend in AUTO_ORDER.get(device.type, ("reference",)):
-        reason = _why_not(backend, op, device, args, kwargs)
+    for backend in AUTO_ORDER.get(call.device_type, ("reference",)):
+        reason = _why_not(backend, family, call)
         if reason is None:
-            return backend, _ops[backend][op]
+            return backend, _providers[backend][family]
         tried.append(f"{backend}: {reason}")
-    raise BackendError(f"no backend can run {op} on {device.type}: " + "; ".join(tried))
+    return f"no backend can run {family} on {call.device_type}: " + "; ".join(tried)
+
+
+def select(family: str, call) -> tuple[str, object]:
+    """The backend name and provider that will run ``family`` for a call with these facts."""
+    forced = forced_backend()
+    key = (family, forced, call)
+    choice = _choices.get(key)
+    if choice is None:
+        choice = _choices[key] = _choose(family, forced, call)
+    if isinstance(choice, str):
+        raise BackendError(choice)
+    return choice
 
 
 @torch._dynamo.assume_constant_result
-def _forced_backend_now() -> str:
+def _forced_backend_traced() -> str:
     # Under torch.compile: read once at trace time (the registry's thread-locals stay out of the graph).
     return forced_backend() or ""
 
 
 @torch._dynamo.assume_constant_result
-def _unavailable_now(backend: str, op: str, device: torch.device) -> str:
+def _unavailable_traced(backend: str, family: str, device_type: str) -> str:
     # Under torch.compile: imports, locks and the extension's registry run at trace time only.
-    reason = backend_unavailable_reason(backend, device)
-    if reason is None and op not in _ops[backend]:
-        reason = f"{backend} has no {op} kernel"
+    reason = backend_unavailable_reason(backend, device_type)
+    if reason is None and family not in _providers[backend]:
+        reason = f"{backend} has no {family} kernel"
     return reason or ""
 
 
 @torch._dynamo.assume_constant_result
-def _refuse_now(message: str) -> str:
+def _refuse_traced(message: str) -> str:
     # Under torch.compile: raise the BackendError itself at trace time (a raise in traced code would
     # reach the user as dynamo's "Unsupported" with fullgraph=True).
     raise BackendError(message)
 
 
-def _select_traced(op: str, device: torch.device, args, kwargs) -> str:
-    forced = _forced_backend_now()
-    order = (forced,) if forced else AUTO_ORDER.get(device.type, ("reference",))
-    # Every candidate's registry is loaded (by _unavailable_now, at trace time) before the first read
-    # of _ops: dynamo snapshots the dict when it first reads it, and a backend loaded after that was
-    # missing from the snapshot (KeyError('reference') compiling a float64 module first in a process).
-    unavailable = [_unavailable_now(backend, op, device) for backend in order]
+def _kernels_traced(family: str, call):
+    # The facts may hold symbolic sizes (dynamic=True), so supports() runs in the traced code (as
+    # guards); availability, which needs imports and locks, is a trace-time constant. Every
+    # candidate's registry is loaded before the first read of _providers: dynamo snapshots the
+    # dict when it first reads it.
+    forced = _forced_backend_traced()
+    order = (forced,) if forced else AUTO_ORDER.get(call.device_type, ("reference",))
+    unavailable = [_unavailable_traced(backend, family, call.device_type) for backend in order]
     tried = []
     for backend, unavailable_reason in zip(order, unavailable):
-        reason = unavailable_reason or _ops[backend][op].supports(*args, **kwargs)
+        reason = unavailable_reason or _providers[backend][family].supports(call)
         if not reason:
-            return backend
+            return _providers[backend][family]
         if forced:
-            return _refuse_now(f"backend {forced!r} cannot run {op}: {reason}")
+            return _refuse_traced(f"backend {forced!r} cannot run {family}: {reason}")
         tried.append(f"{backend}: {reason}")
-    return _refuse_now(f"no backend can run {op} on {device.type}: " + "; ".join(tried))
+    return _refuse_traced(f"no backend can run {family} on {call.device_type}: " + "; ".join(tried))
 
 
-def call(op: str, device: torch.device, *args, **kwargs):
-    """Run ``op`` on the selected backend."""
+def kernels(family: str, call):
+    """The provider that runs ``family`` for a call with these facts."""
     if torch.compiler.is_compiling():
-        name = _select_traced(op, device, args, kwargs)
-    else:
-        name = select(op, device, *args, **kwargs)[0]
-    return _ops[name][op].fn(*args, **kwargs)
+        return _kernels_traced(family, call)
+    return select(family, call)[1]

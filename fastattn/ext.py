@@ -1,17 +1,11 @@
 """The C++/CUDA extension ``fastattn._C`` as dispatch backends ``cpu`` and ``cuda``.
 
 The extension registers its ops with TORCH_LIBRARY (schemas in csrc/fastattn.cpp, kernels per
-dispatch key); this file adds their fake (meta) implementations and autograd, and maps them to the
-dispatch's canonical op arguments (see fastattn/functional.py). The same Python serves both
-backends: only the device of the tensors (and so the kernels the dispatcher picks) differs.
-
-What the autograd saves:
-- attention: q, k, v, out and the float32 log-sum-exp (B, Hq, Nq); the backward recomputes the
-  weights block by block (no (Nq, Nk) tensor is ever stored) and regenerates the dropout mask.
-- softmax: the output only (log_softmax with a bool mask: also that mask, to zero the gradient it
-  hides). Norms: s = x (+ residual), weight and the float32 row statistics.
-- feed_forward: x, the weights and h = x·w1ᵀ (before bias and activation); the activation
-  act(h + b1) is recomputed in the backward by the fused epilogue instead of being kept alive.
+dispatch key); this file registers their fake (meta) implementations (written by the op families,
+fastattn/ops/) and provides the families' kernels (the protocols in fastattn/ops/<family>.py).
+The same Python serves both backends: only the device of the tensors (and so the kernels the
+dispatcher picks) differs. The autograd, and what it saves, is the family's, the same on every
+backend: the FFN's backward recomputes h = x·w1ᵀ and the activation (only x is kept).
 
 ``dropout_mask(shape, p, seed, device)`` returns the keep mask the kernels draw (csrc/dropout_rng.h),
 so that tests can reproduce a kernel's dropout exactly with the reference implementation.
@@ -23,10 +17,16 @@ forward's mask.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
+from fastattn.ops import attention as attention_op
+from fastattn.ops import feed_forward as feed_forward_op
+from fastattn.ops import norms
+from fastattn.ops import softmax as softmax_op
 from fastattn.reference import GATED_ACTIVATIONS
-from fastattn.utils import no_double_backward, zero_hidden_scores
+from fastattn.utils import no_double_backward
 
 _import_error: str | None = None
 try:
@@ -48,8 +48,10 @@ def _has_kernel(op: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", key)
 
 
-def unavailable_reason(backend: str) -> str | None:
-    """Why backend ``cpu`` or ``cuda`` of the extension cannot run here, or None."""
+def unavailable_reason(backend: str, device_type: str | None = None) -> str | None:
+    """Why backend ``cpu`` or ``cuda`` of the extension cannot run here (on ``device_type``), or None."""
+    if device_type is not None and device_type != _DEVICE[backend]:
+        return f"the {backend} backend runs on {_DEVICE[backend].upper()} tensors only, not {device_type}"
     if _import_error is not None:
         return _import_error
     if backend == "cuda":
@@ -62,32 +64,24 @@ def unavailable_reason(backend: str) -> str | None:
 
 # --------------------------------------------------------------------------------------------
 # fake implementations: shapes, dtypes and (contiguous) layouts of what the kernels return
+# (the family modules own them; the fused FFN epilogue and the dropout mask are this backend's)
 # --------------------------------------------------------------------------------------------
 
 
 def _register_fakes() -> None:
     register = torch.library.register_fake
-
-    @register("fastattn::attention_fwd")
-    def _(q, k, v, mask, scale, is_causal, dropout_p, seed):
-        b, h, n_q, _ = q.shape
-        return q.new_empty(b, h, n_q, v.shape[-1]), q.new_empty(b, h, n_q, dtype=torch.float32)
-
-    @register("fastattn::attention_bwd")
-    def _(dout, q, k, v, out, lse, mask, scale, is_causal, dropout_p, seed):
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    register("fastattn::attention_fwd")(attention_op.fake_forward)
+    register("fastattn::attention_bwd")(attention_op.fake_backward)
+    register("fastattn::softmax_fwd")(softmax_op.fake_forward)
+    register("fastattn::softmax_bwd")(softmax_op.fake_backward)
+    register("fastattn::layer_norm_fwd")(norms.fake_layer_norm_forward)
+    register("fastattn::layer_norm_bwd")(norms.fake_layer_norm_backward)
+    register("fastattn::rms_norm_fwd")(norms.fake_rms_norm_forward)
+    register("fastattn::rms_norm_bwd")(norms.fake_rms_norm_backward)
 
     @register("fastattn::dropout_mask")
     def _(like, p, seed):
         return like.new_empty(like.shape, dtype=torch.bool)
-
-    @register("fastattn::softmax_fwd")
-    def _(x, mask, scale, is_causal, log):
-        return x.new_empty(x.shape)
-
-    @register("fastattn::softmax_bwd")
-    def _(dy, y, scale, log):
-        return y.new_empty(y.shape)
 
     @register("fastattn::ffn_act_fwd")
     def _(h, bias, activation, dropout_p, seed):
@@ -98,69 +92,11 @@ def _register_fakes() -> None:
     def _(grad, h, bias, activation, dropout_p, seed):
         return h.new_empty(h.shape)
 
-    @register("fastattn::layer_norm_fwd")
-    def _(x, residual, weight, bias, eps):
-        stats = (x.shape[0],)
-        res = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
-        return x.new_empty(x.shape), res, x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
-
-    @register("fastattn::layer_norm_bwd")
-    def _(dy, s, weight, mean, rstd, has_bias):
-        n = s.shape[1]
-        return s.new_empty(s.shape), s.new_empty(n if weight is not None else 0), s.new_empty(n if has_bias else 0)
-
-    @register("fastattn::rms_norm_fwd")
-    def _(x, residual, weight, eps):
-        res = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
-        return x.new_empty(x.shape), res, x.new_empty((x.shape[0],), dtype=torch.float32)
-
-    @register("fastattn::rms_norm_bwd")
-    def _(dy, s, weight, rstd):
-        return s.new_empty(s.shape), s.new_empty(s.shape[1] if weight is not None else 0)
-
 
 # --------------------------------------------------------------------------------------------
-# autograd of the forward ops (their backward ops have none: a double backward raises
-# DoubleBackwardError, see utils.no_double_backward)
+# autograd of the fused FFN epilogue op (an op of this backend only; the families' autograd is
+# registered by fastattn.ops.<family>.bind below)
 # --------------------------------------------------------------------------------------------
-
-
-def _attention_setup(ctx, inputs, output):
-    q, k, v, mask, scale, is_causal, dropout_p, seed = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
-    ctx.args = (scale, is_causal, dropout_p)
-    ctx.mark_non_differentiable(lse)
-
-
-@no_double_backward("attention")
-def _attention_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, mask, seed = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fastattn.attention_bwd(dout, q, k, v, out, lse, mask, *ctx.args, seed)
-    return dq, dk, dv, None, None, None, None, None
-
-
-def _softmax_setup(ctx, inputs, output):
-    _x, mask, scale, is_causal, log = inputs
-    # log_softmax: the bool mask marks the scores x does not reach (zero gradient, utils.zero_hidden_scores)
-    hidden = mask if log and mask is not None and mask.dtype == torch.bool else None
-    ctx.save_for_backward(output, hidden)
-    ctx.args = (scale, log, log and is_causal)
-
-
-@no_double_backward("softmax")
-def _softmax_backward(ctx, dy):
-    y, hidden = ctx.saved_tensors
-    scale, log, causal = ctx.args
-    if not ctx.needs_input_grad[1]:
-        dx = torch.ops.fastattn.softmax_bwd(dy, y, scale, log)
-        return (zero_hidden_scores(dx, hidden, causal) if log else dx), None, None, None, None
-    # A float mask that requires grad is added to the scaled scores: its gradient is the scores'.
-    dscores = torch.ops.fastattn.softmax_bwd(dy, y, 1.0, log)
-    if log:
-        dscores = zero_hidden_scores(dscores, None, causal)
-    dx = dscores * scale if ctx.needs_input_grad[0] else None
-    return dx, dscores, None, None, None
 
 
 def _ffn_act_setup(ctx, inputs, output):
@@ -177,66 +113,6 @@ def _ffn_act_backward(ctx, grad):
     return dh, dbias, None, None, None
 
 
-def _layer_norm_setup(ctx, inputs, output):
-    x, residual, weight, bias, _eps = inputs
-    _y, residual_out, mean, rstd = output
-    ctx.save_for_backward(residual_out if residual is not None else x, weight, mean, rstd)
-    ctx.has_residual, ctx.has_bias = residual is not None, bias is not None
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.set_materialize_grads(False)  # an unused output's gradient comes as None, not a tensor of zeros
-
-
-@no_double_backward("layer_norm")
-def _layer_norm_backward(ctx, dy, dresidual_out, _dmean, _drstd):
-    s, weight, mean, rstd = ctx.saved_tensors
-    ds = dweight = dbias = None
-    if dy is not None:
-        ds, dweight, dbias = torch.ops.fastattn.layer_norm_bwd(dy, s, weight, mean, rstd, ctx.has_bias)
-    ds = _add_residual_grad(ds, dresidual_out if ctx.has_residual else None)
-    return (
-        ds,
-        ds if ctx.has_residual else None,
-        dweight if weight is not None else None,
-        dbias if ctx.has_bias else None,
-        None,
-    )
-
-
-def _add_residual_grad(ds, dresidual_out):
-    """s = x + residual also leaves the norm (the next block's residual stream): its gradient adds."""
-    if dresidual_out is None:
-        return ds
-    return dresidual_out if ds is None else ds + dresidual_out
-
-
-def _rms_norm_setup(ctx, inputs, output):
-    x, residual, weight, _eps = inputs
-    _y, residual_out, rstd = output
-    ctx.save_for_backward(residual_out if residual is not None else x, weight, rstd)
-    ctx.has_residual = residual is not None
-    ctx.mark_non_differentiable(rstd)
-    ctx.set_materialize_grads(False)
-
-
-@no_double_backward("rms_norm")
-def _rms_norm_backward(ctx, dy, dresidual_out, _drstd):
-    s, weight, rstd = ctx.saved_tensors
-    ds = dweight = None
-    if dy is not None:
-        ds, dweight = torch.ops.fastattn.rms_norm_bwd(dy, s, weight, rstd)
-    ds = _add_residual_grad(ds, dresidual_out if ctx.has_residual else None)
-    return ds, ds if ctx.has_residual else None, dweight if weight is not None else None, None
-
-
-def _register_autograd() -> None:
-    register = torch.library.register_autograd
-    register("fastattn::attention_fwd", _attention_backward, setup_context=_attention_setup)
-    register("fastattn::softmax_fwd", _softmax_backward, setup_context=_softmax_setup)
-    register("fastattn::ffn_act_fwd", _ffn_act_backward, setup_context=_ffn_act_setup)
-    register("fastattn::layer_norm_fwd", _layer_norm_backward, setup_context=_layer_norm_setup)
-    register("fastattn::rms_norm_fwd", _rms_norm_backward, setup_context=_rms_norm_setup)
-
-
 def _register_dropout_mask_fallbacks() -> None:
     """dropout_mask on devices whose kernels lack it: draw on the CPU (same RNG) and move the mask."""
 
@@ -250,7 +126,7 @@ def _register_dropout_mask_fallbacks() -> None:
 
 if _import_error is None:
     _register_fakes()
-    _register_autograd()
+    torch.library.register_autograd("fastattn::ffn_act_fwd", _ffn_act_backward, setup_context=_ffn_act_setup)
     _register_dropout_mask_fallbacks()
 
 
@@ -274,138 +150,134 @@ def dropout_mask(shape, p: float, seed, device="cpu") -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# the canonical ops
+# the kernel providers (protocols in fastattn/ops/<family>.py)
 # --------------------------------------------------------------------------------------------
 
 
-def _attention(q, k, v, mask, scale, is_causal, dropout_p, seed):
-    return torch.ops.fastattn.attention_fwd(q, k, v, mask, scale, is_causal, dropout_p, seed)[0]
+class _Provider:
+    native_autograd = False
+    forward_op = None
 
+    def __init__(self, backend: str):
+        self.backend = backend
 
-def _softmax(x, mask, scale, is_causal, log):
-    return torch.ops.fastattn.softmax_fwd(x, mask, scale, is_causal, log)
-
-
-class _FeedForward(torch.autograd.Function):
-    """act(x·w1ᵀ + b1)·w2ᵀ + b2 with dropout on the activation: BLAS GEMMs around the fused epilogue.
-
-    Saves h = x·w1ᵀ (not the activation, which the backward recomputes from h)."""
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, activation, dropout_p, seed):
-        h = torch.mm(x, w1.t())
-        a = torch.ops.fastattn.ffn_act_fwd(h, b1, activation, dropout_p, seed)
-        out = torch.mm(a, w2.t()) if b2 is None else torch.addmm(b2, a, w2.t())
-        ctx.save_for_backward(x, w1, b1, w2, h, seed)
-        ctx.args = (activation, dropout_p)
-        return out
-
-    @staticmethod
-    @no_double_backward("feed_forward")
-    def backward(ctx, grad):
-        x, w1, b1, w2, h, seed = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-        dx = dw1 = db1 = dw2 = db2 = None
-        if need_w2:
-            a = torch.ops.fastattn.ffn_act_fwd(h, b1, *ctx.args, seed)
-            dw2 = grad.t().mm(a)
-        if need_b2:
-            db2 = grad.sum(0)
-        if need_x or need_w1 or need_b1:
-            dh = torch.ops.fastattn.ffn_act_bwd(grad.mm(w2), h, b1, *ctx.args, seed)
-            dx = dh.mm(w1) if need_x else None
-            dw1 = dh.t().mm(x) if need_w1 else None
-            db1 = dh.sum(0) if need_b1 else None
-        return dx, dw1, db1, dw2, db2, None, None, None
-
-
-def _feed_forward(x, w1, b1, w2, b2, activation, dropout_p, seed):
-    return _FeedForward.apply(x, w1, b1, w2, b2, activation, dropout_p, seed)
-
-
-def _layer_norm(x, weight, bias, eps, residual):
-    y, residual_out, _mean, _rstd = torch.ops.fastattn.layer_norm_fwd(x, residual, weight, bias, eps)
-    return y, (residual_out if residual is not None else None)
-
-
-def _rms_norm(x, weight, eps, residual):
-    y, residual_out, _rstd = torch.ops.fastattn.rms_norm_fwd(x, residual, weight, eps)
-    return y, (residual_out if residual is not None else None)
-
-
-# --------------------------------------------------------------------------------------------
-# supports(): None when the backend's kernels serve the call, else why not
-# --------------------------------------------------------------------------------------------
-
-
-def _common_reason(backend: str, op: str, kernel: str, *tensors) -> str | None:
-    if not _has_kernel(kernel, backend.upper()):
-        return f"the {backend} extension has no {op} kernel"
-    for t in tensors:
-        if t is None:
-            continue
-        if t.device.type != _DEVICE[backend]:
-            return f"the {backend} backend runs on {_DEVICE[backend]} tensors, got {t.device.type}"
-        if t.dtype not in _DTYPES:
-            return f"{backend} kernels take float16, bfloat16 or float32 (compute in float32), not {t.dtype}"
-    return None
-
-
-def _attention_supports(backend: str):
-    def supports(q, k, v, mask, scale, is_causal, dropout_p, seed):
-        reason = _common_reason(backend, "attention", "attention_fwd", q, k, v)
-        if reason is not None:
-            return reason
-        limit = _MAX_HEAD_DIM[backend]
-        if limit is not None and max(q.size(-1), v.size(-1)) > limit:
-            return f"{backend} attention supports head dims up to {limit}, got {max(q.size(-1), v.size(-1))}"
-        if mask is not None and mask.device != q.device:
-            return f"the mask is on {mask.device}, the inputs on {q.device}"
-        if mask is not None and mask.requires_grad and torch.is_grad_enabled():
-            return f"{backend} attention computes no gradient for attn_mask, and this mask requires grad"
+    def _reason(self, family: str, kernel: str, dtype: torch.dtype) -> str | None:
+        if not _has_kernel(kernel, self.backend.upper()):
+            return f"the {self.backend} extension has no {family} kernel"
+        if dtype not in _DTYPES:
+            return f"{self.backend} kernels take float16, bfloat16 or float32 (compute in float32), not {dtype}"
         return None
 
-    return supports
+
+class _Attention(_Provider):
+    forward_op = "fastattn::attention_fwd"
+
+    def supports(self, call) -> str | None:
+        reason = self._reason("attention", "attention_fwd", call.dtype) or attention_op.unsupported_feature(call)
+        if reason is not None:
+            return reason
+        limit = _MAX_HEAD_DIM[self.backend]
+        if limit is not None and max(call.head_dim, call.head_dim_v) > limit:
+            return f"{self.backend} attention supports head dims up to {limit}, got {max(call.head_dim, call.head_dim_v)}"
+        if call.mask_needs_grad:
+            return f"{self.backend} attention computes no gradient for attn_mask, and this mask requires grad"
+        return None
+
+    def forward(self, p, q, k, v):
+        return torch.ops.fastattn.attention_fwd.default(q, k, v, p.mask, p.scale, p.is_causal, p.dropout_p, p.seed)
+
+    def backward(self, p, dout, q, k, v, out, lse, need_dq, need_dkdv):
+        return torch.ops.fastattn.attention_bwd.default(
+            dout, q, k, v, out, lse, p.mask, p.scale, p.is_causal, p.dropout_p, p.seed
+        )
+
+    def dropout_keep_mask(self, shape, dropout_p, seed, device):
+        return dropout_mask(shape, dropout_p, seed, device)
 
 
-def _softmax_supports(backend: str):
-    def supports(x, mask, scale, is_causal, log):
-        return _common_reason(backend, "softmax", "softmax_fwd", x)
+class _Softmax(_Provider):
+    forward_op = "fastattn::softmax_fwd"
 
-    return supports
+    def supports(self, call) -> str | None:
+        return self._reason("softmax", "softmax_fwd", call.dtype)
 
+    def forward(self, p, x):
+        return torch.ops.fastattn.softmax_fwd.default(x, p.mask, p.scale, p.is_causal, p.log)
 
-def _feed_forward_supports(backend: str):
-    def supports(x, w1, b1, w2, b2, activation, dropout_p, seed):
-        return _common_reason(backend, "feed_forward", "ffn_act_fwd", x, w1, b1, w2, b2)
-
-    return supports
-
-
-def _layer_norm_supports(backend: str):
-    def supports(x, weight, bias, eps, residual):
-        return _common_reason(backend, "layer_norm", "layer_norm_fwd", x, weight, bias, residual)
-
-    return supports
+    def backward(self, p, dy, y, scale):
+        return torch.ops.fastattn.softmax_bwd.default(dy, y, scale, p.log)
 
 
-def _rms_norm_supports(backend: str):
-    def supports(x, weight, eps, residual):
-        return _common_reason(backend, "rms_norm", "rms_norm_fwd", x, weight, residual)
+class _FeedForward(_Provider):
+    """BLAS GEMMs around the fused epilogue act(h + b1) (with dropout); h = x·w1ᵀ is recomputed in
+    the backward, so only x is kept (the family's autograd saves x and the parameters)."""
 
-    return supports
+    def supports(self, call) -> str | None:
+        return self._reason("feed_forward", "ffn_act_fwd", call.dtype)
+
+    def forward(self, p, x, w1, b1, w2, b2):
+        a = torch.ops.fastattn.ffn_act_fwd.default(torch.mm(x, w1.t()), b1, p.activation, p.dropout_p, p.seed)
+        return torch.mm(a, w2.t()) if b2 is None else torch.addmm(b2, a, w2.t())
+
+    def backward(self, p, dout, x, w1, b1, w2, need_dx, need_dw1, need_db1, need_dw2, need_db2):
+        h = torch.mm(x, w1.t())
+        dx = dw1 = db1 = dw2 = db2 = None
+        if need_dw2:
+            dw2 = dout.t().mm(torch.ops.fastattn.ffn_act_fwd.default(h, b1, p.activation, p.dropout_p, p.seed))
+        if need_db2:
+            db2 = dout.sum(0)
+        if need_dx or need_dw1 or need_db1:
+            dh = torch.ops.fastattn.ffn_act_bwd.default(dout.mm(w2), h, b1, p.activation, p.dropout_p, p.seed)
+            dx = dh.mm(w1) if need_dx else None
+            dw1 = dh.t().mm(x) if need_dw1 else None
+            db1 = dh.sum(0) if need_db1 else None
+        return dx, dw1, db1, dw2, db2
+
+    def dropout_keep_mask(self, shape, dropout_p, seed, device):
+        return dropout_mask(shape, dropout_p, seed, device)
 
 
-def load_ops(backend: str):
-    """op name -> dispatch.Op for the extension's ``backend`` ("cpu" or "cuda")."""
+class _Norm(_Provider):
+    def __init__(self, backend: str, rms: bool):
+        super().__init__(backend)
+        self.rms = rms
+        self.family = "rms_norm" if rms else "layer_norm"
+        self.forward_op = f"fastattn::{self.family}_fwd"
+
+    def supports(self, call) -> str | None:
+        return self._reason(self.family, self.forward_op.split("::")[1], call.dtype)
+
+    def forward(self, p, x, weight, bias, residual):
+        if self.rms:
+            y, s, rstd = torch.ops.fastattn.rms_norm_fwd.default(x, residual, weight, p.eps)
+            return y, s, rstd.new_empty(0), rstd
+        return torch.ops.fastattn.layer_norm_fwd.default(x, residual, weight, bias, p.eps)
+
+    def backward(self, p, dy, s, weight, mean, rstd, need_dweight, need_dbias):
+        if self.rms:
+            ds, dweight = torch.ops.fastattn.rms_norm_bwd.default(dy, s, weight, rstd)
+            return ds, (dweight if need_dweight else None), None
+        ds, dweight, dbias = torch.ops.fastattn.layer_norm_bwd.default(dy, s, weight, mean, rstd, need_dbias)
+        return ds, (dweight if need_dweight else None), (dbias if need_dbias else None)
+
+
+def load_kernels(backend: str):
+    """op family -> provider, for the extension's ``backend`` ("cpu" or "cuda")."""
     if _import_error is not None:
         raise ImportError(_import_error)
-    from fastattn.dispatch import Op
+    with _bind_lock:
+        if backend not in _bound:
+            _bound[backend] = {
+                "attention": attention_op.bind(_Attention(backend)),
+                "softmax": softmax_op.bind(_Softmax(backend)),
+                "feed_forward": feed_forward_op.bind(_FeedForward(backend)),
+                "layer_norm": norms.bind(_Norm(backend, rms=False)),
+                "rms_norm": norms.bind(_Norm(backend, rms=True)),
+            }
+        return _bound[backend]
 
-    return {
-        "attention": Op(_attention, _attention_supports(backend)),
-        "softmax": Op(_softmax, _softmax_supports(backend)),
-        "feed_forward": Op(_feed_forward, _feed_forward_supports(backend)),
-        "layer_norm": Op(_layer_norm, _layer_norm_supports(backend)),
-        "rms_norm": Op(_rms_norm, _rms_norm_supports(backend)),
-    }
+
+# cpu and cuda share the torch ops (the dispatcher picks the kernel by device): the op autograd is
+# registered by the first backend loaded (fastattn.ops.claim_op).
+_bind_lock = threading.Lock()
+_bound: dict[str, dict] = {}

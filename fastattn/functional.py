@@ -1,18 +1,6 @@
-"""Public functions. Each checks its arguments (errors name the argument), brings them to the
-canonical form the backends take, and hands them to the dispatch.
-
-Canonical op arguments (what every backend's ``Op.fn`` receives):
-
-- ``attention(q, k, v, mask, scale, is_causal, dropout_p, seed) -> out``
-  q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), any strides, Hq % Hkv == 0;
-  mask None or a (B, Hq, Nq, Nk) view (stride 0 where broadcast: never materialised), bool
-  (True = attend) or floating (added to the scores); scale a float; seed the dropout RNG's seed,
-  a one-element int64 tensor on q's device (None when dropout_p == 0, see ``_dropout_seed``).
-- ``softmax(x, mask, scale, is_causal, log) -> y``, along x's last dim, x (..., N) any strides;
-  mask None or a view of x's shape; is_causal masks column j > row i, i the index along dim -2.
-- ``feed_forward(x, w1, b1, w2, b2, activation, dropout_p, seed) -> out``, x (M, K).
-- ``layer_norm(x, weight, bias, eps, residual) -> (y, x + residual or None)``, x (M, N).
-- ``rms_norm(x, weight, eps, residual) -> (y, x + residual or None)``, x (M, N), eps a float.
+"""Public functions. Each checks its arguments (errors name the argument), brings the tensors to
+the form the op families take (fastattn/ops/<family>.py: shapes, layouts) and builds the family's
+params object once; the family selects the backend and runs it. Nothing downstream re-validates.
 """
 
 from __future__ import annotations
@@ -24,6 +12,14 @@ import torch
 
 from fastattn import dispatch, reference
 from fastattn.errors import ArgumentError, ArgumentTypeError
+from fastattn.ops import attention as attention_op
+from fastattn.ops import feed_forward as feed_forward_op
+from fastattn.ops import norms
+from fastattn.ops import softmax as softmax_op
+from fastattn.ops.attention import AttentionParams
+from fastattn.ops.feed_forward import FeedForwardParams
+from fastattn.ops.norms import NormParams
+from fastattn.ops.softmax import SoftmaxParams
 from fastattn.reference import ACTIVATIONS, GATED_ACTIVATIONS
 
 try:  # torch >= 2.3: the attn_mask subclass of causal_upper_left() / causal_lower_right()
@@ -294,9 +290,8 @@ def scaled_dot_product_attention(
     mask = None
     if attn_mask is not None:
         mask = attn_mask.expand(*batch, h_q, n_q, n_k).reshape(b, h_q, n_q, n_k)
-    seed = _dropout_seed(dropout_p, q.device)
-    out = dispatch.call("attention", q.device, q, k, v, mask, scale, bool(is_causal), dropout_p, seed)
-    return out.reshape(out_shape)
+    params = AttentionParams(scale, bool(is_causal), dropout_p, mask, _dropout_seed(dropout_p, q.device))
+    return attention_op.attention(params, q, k, v).reshape(out_shape)
 
 
 def _attention_head_dim_0(query, key, value, attn_mask, dropout_p, is_causal, scale, out_shape):
@@ -308,16 +303,9 @@ def _attention_head_dim_0(query, key, value, attn_mask, dropout_p, is_causal, sc
     mask = None
     if attn_mask is not None:
         mask = attn_mask.expand(*batch, h_q, n_q, n_k).reshape(b, h_q, n_q, n_k)
-    out = reference._attention_op(
-        query.reshape(b, h_q, n_q, 0),
-        key.reshape(b, h_kv, n_k, 0),
-        value.reshape(b, h_kv, n_k, value.size(-1)),
-        mask,
-        scale,
-        bool(is_causal),
-        dropout_p,
-        _dropout_seed(dropout_p, query.device),
-    )
+    params = AttentionParams(scale, bool(is_causal), dropout_p, mask, _dropout_seed(dropout_p, query.device))
+    q, k = query.reshape(b, h_q, n_q, 0), key.reshape(b, h_kv, n_k, 0)
+    out, _ = dispatch.provider("reference", "attention").forward(params, q, k, value.reshape(b, h_kv, n_k, value.size(-1)))
     return out.reshape(out_shape)
 
 
@@ -356,11 +344,14 @@ def _softmax(x, dim, scale, mask, is_causal, log):
             if log and x.requires_grad:  # x does not reach the hidden scores: no gradient there, as for dim=-1
                 x = torch.where(causal, x, x.detach())
         is_causal = False
-    x_rows = x.movedim(dim, -1)
-    mask_rows = None if mask is None else mask.expand(x.shape).movedim(dim, -1)
+    x_rows = x if last else x.movedim(dim, -1)
+    mask_rows = None
+    if mask is not None:
+        mask_rows = mask.expand(x.shape) if last else mask.expand(x.shape).movedim(dim, -1)
     scale = 1.0 if scale is None else float(scale)
-    y = dispatch.call("softmax", x.device, x_rows, mask_rows, scale, bool(is_causal), log)
-    return y.movedim(-1, dim).to(out_dtype or y.dtype)
+    y = softmax_op.softmax(SoftmaxParams(scale, bool(is_causal), log, mask_rows), x_rows)
+    y = y if last else y.movedim(-1, dim)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def softmax(x, dim=-1, *, scale=None, mask=None, is_causal=False):
@@ -424,8 +415,8 @@ def feed_forward(x, w1, b1=None, w2=None, b2=None, *, activation="gelu", dropout
     if x.numel() == 0 or w1.numel() == 0:
         return reference.feed_forward(x, w1, b1, w2, b2, activation).reshape(out_shape)
     x2 = x.reshape(-1, x.size(-1))
-    seed = _dropout_seed(dropout_p, x.device)
-    out = dispatch.call("feed_forward", x.device, x2, w1, b1, w2, b2, activation, dropout_p, seed)
+    params = FeedForwardParams(activation, dropout_p, _dropout_seed(dropout_p, x.device))
+    out = feed_forward_op.feed_forward(params, x2, w1, b1, w2, b2)
     return out.reshape(out_shape)
 
 
@@ -489,7 +480,8 @@ def _norm(op, x, shape, params, eps, residual):
         # zeros still connected to x, residual and the parameters: backward gives zero gradients
         y, s = _empty_like_graph(x.shape, x, x, residual, *params), (None if residual is None else x + residual)
     else:
-        y, s = dispatch.call(op, x.device, x2, *flat, eps, r2)
+        weight, bias = flat if len(flat) == 2 else (flat[0], None)
+        y, s = norms.norm(NormParams(eps, op == "rms_norm"), x2, weight, bias, r2)
     y = y.reshape(x.shape)
     if out_dtype is not None:
         y, s = y.to(out_dtype), (None if s is None else s.to(out_dtype))

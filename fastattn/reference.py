@@ -171,7 +171,7 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, residual=None):
 
 
 # --------------------------------------------------------------------------------------------
-# the "reference" backend: canonical op arguments (see fastattn/functional.py) -> the above
+# the "reference" backend: the providers of fastattn/ops/<family>.py over the functions above
 # --------------------------------------------------------------------------------------------
 
 
@@ -202,41 +202,65 @@ def dropout_keep(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
     return bits >= math.ceil(dropout_p * 16777216.0)
 
 
-def _attention_op(q, k, v, mask, scale, is_causal, dropout_p, seed):
-    dropout_mask = None
-    if dropout_p > 0.0:
-        dropout_mask = dropout_keep(seed, (*q.shape[:-1], k.size(-2)), dropout_p).to(q.device)
-    return attention(q, k, v, mask, dropout_p, is_causal, scale, q.size(1) != k.size(1), dropout_mask)
+class _Provider:
+    """The reference as a kernel provider (protocols in fastattn/ops/<family>.py): plain PyTorch,
+    differentiated by torch itself (float64, double backward, any device)."""
+
+    native_autograd = True
+
+    def supports(self, call) -> str | None:
+        return None
 
 
-def _softmax_op(x, mask, scale, is_causal, log):
-    return softmax(x, -1, scale, mask, is_causal, log)
+class _Attention(_Provider):
+    def supports(self, call) -> str | None:
+        from fastattn.ops.attention import unsupported_feature
+
+        return unsupported_feature(call)
+
+    def forward(self, p, q, k, v):
+        dropout_mask = None
+        if p.dropout_p > 0.0:
+            dropout_mask = self.dropout_keep_mask((*q.shape[:-1], k.size(-2)), p.dropout_p, p.seed, q.device)
+        return attention(q, k, v, p.mask, p.dropout_p, p.is_causal, p.scale, q.size(1) != k.size(1), dropout_mask), None
+
+    def dropout_keep_mask(self, shape, dropout_p, seed, device):
+        return dropout_keep(seed, shape, dropout_p).to(device)
 
 
-def _feed_forward_op(x, w1, b1, w2, b2, activation, dropout_p, seed):
-    dropout_mask = None
-    if dropout_p > 0.0:
-        dropout_mask = dropout_keep(seed, (x.size(0), w2.size(1)), dropout_p).to(x.device)
-    return feed_forward(x, w1, b1, w2, b2, activation, dropout_p, dropout_mask)
+class _Softmax(_Provider):
+    def forward(self, p, x):
+        return softmax(x, -1, p.scale, p.mask, p.is_causal, p.log)
 
 
-def _layer_norm_op(x, weight, bias, eps, residual):
-    out = layer_norm(x, (x.size(-1),), weight, bias, eps, residual)
-    return out if residual is not None else (out, None)
+class _FeedForward(_Provider):
+    def forward(self, p, x, w1, b1, w2, b2):
+        dropout_mask = None
+        if p.dropout_p > 0.0:
+            dropout_mask = self.dropout_keep_mask((x.size(0), w2.size(1)), p.dropout_p, p.seed, x.device)
+        return feed_forward(x, w1, b1, w2, b2, p.activation, p.dropout_p, dropout_mask)
+
+    def dropout_keep_mask(self, shape, dropout_p, seed, device):
+        return dropout_keep(seed, shape, dropout_p).to(device)
 
 
-def _rms_norm_op(x, weight, eps, residual):
-    out = rms_norm(x, (x.size(-1),), weight, eps, residual)
-    return out if residual is not None else (out, None)
+class _Norm(_Provider):
+    def forward(self, p, x, weight, bias, residual):
+        if p.rms:
+            out = rms_norm(x, (x.size(-1),), weight, p.eps, residual)
+        else:
+            out = layer_norm(x, (x.size(-1),), weight, bias, p.eps, residual)
+        return out if residual is not None else (out, None)
 
 
-def load_ops(backend: str = "reference"):
-    from fastattn.dispatch import Op
+KERNELS = {
+    "attention": _Attention(),
+    "softmax": _Softmax(),
+    "feed_forward": _FeedForward(),
+    "layer_norm": _Norm(),
+    "rms_norm": _Norm(),
+}
 
-    return {
-        "attention": Op(_attention_op),
-        "softmax": Op(_softmax_op),
-        "feed_forward": Op(_feed_forward_op),
-        "layer_norm": Op(_layer_norm_op),
-        "rms_norm": Op(_rms_norm_op),
-    }
+
+def unavailable_reason(backend: str = "reference", device_type: str | None = None) -> str | None:
+    return None

@@ -16,6 +16,8 @@ from helpers import DEVICE, assert_rule, backend_params
 
 import fastattn
 from fastattn import dispatch, reference
+from fastattn.ops import attention as attention_op
+from fastattn.ops.attention import AttentionParams, call_facts
 
 BACKENDS = backend_params("triton", "cpu", "cuda", "reference")
 LOW = (torch.float16, torch.bfloat16)
@@ -343,7 +345,11 @@ def test_triton_dropout_matches_oracle_with_the_kernels_keep_mask(case):
     """Forward and every gradient against reference.attention(dropout_mask=the kernel's mask)."""
     if fastattn.backends()["triton"] is not None:
         pytest.skip(f"triton: {fastattn.backends()['triton']}")
-    from fastattn.triton.attention import attention, dropout_keep_mask
+    from fastattn.triton.attention import dropout_keep_mask
+
+    def attention(q, k, v, mask, scale, is_causal, p, seed):
+        with fastattn.use_backend("triton"):
+            return attention_op.attention(AttentionParams(scale, is_causal, p, mask, seed), q, k, v)
 
     b, h, h_kv, n_q, n_k, d, p, seed = 2, 2, case.get("h_kv", 2), 37, 29, 32, 0.3, 12345
     dtype, is_causal = case["dtype"], case.get("is_causal", False)
@@ -431,11 +437,10 @@ def test_triton_head_dim_512_forced_errors_and_automatic_falls_back():
         with pytest.raises(fastattn.BackendError, match=r"backend 'triton' cannot run attention: head dim 512"):
             fastattn.scaled_dot_product_attention(q, k, v)
     # automatic selection in CUDA order (triton first) passes triton over for this call only
-    cuda = torch.device("cuda")
-    canon = (None, 512**-0.5, False, 0.0, 0)
-    assert dispatch.select("attention", cuda, q, k, v, *canon)[0] != "triton"
+    cuda = lambda q, v: call_facts(AttentionParams(q.size(-1) ** -0.5), q, v)._replace(device_type="cuda")  # noqa: E731
+    assert dispatch.select("attention", cuda(q, v))[0] != "triton"
     small = _qkv(1, 2, 2, 8, 8, 64, requires_grad=(False, False, False))
-    assert dispatch.select("attention", cuda, *small, None, 0.125, False, 0.0, 0)[0] == "triton"
+    assert dispatch.select("attention", cuda(small[0], small[2]))[0] == "triton"
     out = fastattn.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(out, reference.attention(q, k, v))
 
@@ -443,14 +448,17 @@ def test_triton_head_dim_512_forced_errors_and_automatic_falls_back():
 def test_triton_declines_what_it_cannot_serve():
     if fastattn.backends()["triton"] is not None:
         pytest.skip(f"triton: {fastattn.backends()['triton']}")
-    from fastattn.triton.attention import supports
+    supports = dispatch.provider("triton", "attention").supports
+
+    def facts(q, v, mask=None):
+        return call_facts(AttentionParams(0.25, mask=mask), q, v)
 
     q, k, v = _qkv(1, 1, 1, 4, 4, 16, requires_grad=(False, False, False))
-    assert supports(q, k, v, None, 0.25, False, 0.0, 0) is None
-    assert "float64" in supports(q.double(), k.double(), v.double(), None, 0.25, False, 0.0, 0)
-    assert "head dim 320" in supports(q, k, torch.randn(1, 1, 4, 320, device=DEVICE), None, 0.25, False, 0.0, 0)
+    assert supports(facts(q, v)) is None
+    assert "float64" in supports(facts(q.double(), v.double()))
+    assert "head dim 320" in supports(facts(q, torch.randn(1, 1, 4, 320, device=DEVICE)))
     grad_mask = torch.zeros(1, 1, 4, 4, device=DEVICE, requires_grad=True)
-    assert "attn_mask" in supports(q, k, v, grad_mask, 0.25, False, 0.0, 0)
+    assert "attn_mask" in supports(facts(q, v, grad_mask))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -760,7 +768,7 @@ def test_peak_memory_is_linear_in_sequence_length():
 @pytest.mark.gpu
 def test_triton_is_chosen_automatically_on_cuda():
     q, k, v = _qkv(1, 2, 2, 128, 128, 64, dtype=torch.float16, requires_grad=(False, False, False))
-    assert dispatch.select("attention", q.device, q, k, v, None, 0.125, False, 0.0, 0)[0] == "triton"
+    assert dispatch.select("attention", call_facts(AttentionParams(0.125), q, v))[0] == "triton"
 
 
 @pytest.mark.gpu

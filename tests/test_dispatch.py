@@ -8,10 +8,15 @@ import torch
 
 import fastattn
 from fastattn import dispatch, reference
+from fastattn.ops.attention import AttentionParams, call_facts
 
 
 def _qkv(d=16):
     return torch.randn(1, 2, 5, d), torch.randn(1, 2, 7, d), torch.randn(1, 2, 7, d)
+
+
+def _facts(q, v, **params):
+    return call_facts(AttentionParams(0.25, **params), q, v)
 
 
 def test_backends_lists_every_backend_with_a_reason_or_none():
@@ -28,7 +33,7 @@ def test_use_backend_forces_and_restores():
     q, k, v = _qkv()
     with fastattn.use_backend("reference"):
         assert dispatch.forced_backend() == "reference"
-        assert dispatch.select("attention", q.device, q, k, v, None, 0.25, False, 0.0, 0)[0] == "reference"
+        assert dispatch.select("attention", _facts(q, v))[0] == "reference"
         with fastattn.use_backend("auto"):
             assert dispatch.forced_backend() is None
         assert dispatch.forced_backend() == "reference"
@@ -72,13 +77,42 @@ def test_automatic_selection_skips_a_backend_that_declines(monkeypatch):
     first = dispatch.AUTO_ORDER["cpu"][0]
     if fastattn.backends()[first] is not None:
         pytest.skip(f"{first} is not available here")
-    declining = dispatch.Op(fn=lambda *a: None, supports=lambda *a, **kw: "declined for this test")
-    monkeypatch.setitem(dispatch._ops[first], "attention", declining)
-    name, _ = dispatch.select("attention", q.device, q, k, v, None, 0.25, False, 0.0, 0)
-    assert name != first
-    with fastattn.use_backend(first):
-        with pytest.raises(fastattn.BackendError, match="declined for this test"):
-            fastattn.scaled_dot_product_attention(q, k, v)
+    provider = dispatch.provider(first, "attention")
+    dispatch.refresh()  # choices made before the patch are forgotten (and again after it)
+    monkeypatch.setattr(provider, "supports", lambda call: "declined for this test")
+    try:
+        name, _ = dispatch.select("attention", _facts(q, v))
+        assert name != first
+        with fastattn.use_backend(first):
+            with pytest.raises(fastattn.BackendError, match="declined for this test"):
+                fastattn.scaled_dot_product_attention(q, k, v)
+    finally:
+        monkeypatch.undo()
+        dispatch.refresh()
+
+
+def test_selection_is_cached_and_follows_use_backend():
+    """A second call with the same facts reuses the choice; forcing a backend changes it at once."""
+    q, k, v = _qkv()
+    facts = _facts(q, v, is_causal=True)
+    first = dispatch.select("attention", facts)
+    assert dispatch.select("attention", facts) is first  # the cached (backend, provider) pair
+    with fastattn.use_backend("reference"):
+        assert dispatch.select("attention", facts)[0] == "reference"
+    assert dispatch.select("attention", facts) is first
+
+
+def test_reserved_features_are_declined_with_a_reason():
+    """Params fields for flash-attn's features exist; no kernel takes them yet, and each says so."""
+    q, k, v = _qkv()
+    for backend in ("cpu", "reference"):
+        if fastattn.backends()[backend] is not None:
+            continue
+        with fastattn.use_backend(backend):
+            with pytest.raises(fastattn.BackendError, match="windowed"):
+                dispatch.select("attention", _facts(q, v, window=(4, 0)))
+            with pytest.raises(fastattn.BackendError, match="softcap"):
+                dispatch.select("attention", _facts(q, v, softcap=30.0))
 
 
 def test_compiled_call_runs_without_graph_breaks():

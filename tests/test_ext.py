@@ -16,6 +16,10 @@ from helpers import assert_rule
 
 import fastattn
 from fastattn import reference
+from fastattn.ops import feed_forward as feed_forward_op
+from fastattn.ops.attention import AttentionParams
+from fastattn.ops.attention import call_facts as attention_call_facts
+from fastattn.ops.feed_forward import FeedForwardParams
 
 ext_reason = fastattn.backends()["cpu"]
 pytestmark = pytest.mark.skipif(ext_reason is not None, reason=f"cpu extension: {ext_reason}")
@@ -431,7 +435,9 @@ def test_feed_forward_op_against_oracle(activation, bias):
     b1 = randn(rows, requires_grad=True) if bias else None
     b2 = randn(24, requires_grad=True) if bias else None
     leaves = [t for t in (x, w1, b1, w2, b2) if t is not None]
-    out = ext.load_ops("cpu")["feed_forward"].fn(x, w1, b1, w2, b2, activation, p, ext.seed_tensor(seed))
+    with fastattn.use_backend("cpu"):
+        params = FeedForwardParams(activation, p, ext.seed_tensor(seed))
+        out = feed_forward_op.feed_forward(params, x, w1, b1, w2, b2)
     keep = ext.dropout_mask((m, hidden), p, seed)
 
     def ref(tensors):
@@ -593,15 +599,15 @@ def test_empty_rows():
 
 
 def test_supports_gives_reasons():
-    table = ext.load_ops("cpu")
+    table = ext.load_kernels("cpu")
     q = randn(1, 2, 4, 16)
-    assert table["attention"].supports(q, q, q, None, 1.0, False, 0.0, None) is None
-    reason = table["attention"].supports(q.double(), q.double(), q.double(), None, 1.0, False, 0.0, None)
-    assert "float64" in reason
-    assert "cpu" in table["softmax"].supports(q.to("meta"), None, 1.0, False, False)
-    cuda_table = ext.load_ops("cuda")
+    facts = attention_call_facts(AttentionParams(1.0), q, q)
+    assert table["attention"].supports(facts) is None
+    assert "float64" in table["attention"].supports(attention_call_facts(AttentionParams(1.0), q.double(), q.double()))
+    assert "cpu" in ext.unavailable_reason("cpu", "meta")
+    cuda_table = ext.load_kernels("cuda")
     if not torch._C._dispatch_has_kernel_for_dispatch_key("fastattn::attention_fwd", "CUDA"):
-        assert "no attention kernel" in cuda_table["attention"].supports(q, q, q, None, 1.0, False, 0.0, None)
+        assert "no attention kernel" in cuda_table["attention"].supports(facts)
 
 
 def test_compiles_fullgraph_through_the_ops():

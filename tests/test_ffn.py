@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import fastattn
 from fastattn import dispatch, reference
+from fastattn.ops.feed_forward import FeedForwardCall
 from fastattn.reference import ACTIVATIONS, GATED_ACTIVATIONS
 
 BACKENDS = helpers.backend_params("triton", "cpu", "cuda", "reference")
@@ -42,7 +43,7 @@ def _skip_unless_served(backend, args, activation, dropout_p=0.0):
         return
     with fastattn.use_backend(backend):
         try:
-            dispatch.select("feed_forward", x.device, x2, w1, b1, w2, b2, activation, dropout_p, 0)
+            dispatch.select("feed_forward", FeedForwardCall(x2.device.type, x2.dtype, activation, dropout_p > 0))
         except dispatch.BackendError as exc:
             pytest.skip(str(exc))
 

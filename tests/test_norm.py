@@ -18,6 +18,7 @@ from helpers import DEVICE, assert_rule, backend_params, gpu_time_ms
 
 import fastattn
 from fastattn import dispatch
+from fastattn.ops.norms import NormCall
 
 BACKENDS = backend_params("triton", "cpu", "cuda", "reference")
 ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -29,11 +30,9 @@ def _require_kernel(backend: str, op: str) -> None:
     reason = dispatch.backend_unavailable_reason(backend, DEVICE)
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
-    x = torch.randn(2, 3, device=DEVICE)
-    args = (x, None, None, 1e-5, None) if op == "layer_norm" else (x, None, 1e-5, None)
     with fastattn.use_backend(backend):
         try:
-            dispatch.select(op, torch.device(DEVICE), *args)
+            dispatch.select(op, NormCall(torch.device(DEVICE).type, torch.float32, op == "rms_norm"))
         except fastattn.BackendError as exc:
             if f"has no {op} kernel" in str(exc):
                 pytest.skip(str(exc))

@@ -51,8 +51,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastattn.dispatch import Op
-from fastattn.utils import empty, no_double_backward, seed_arg
+from fastattn.ops import attention as attention_op
+from fastattn.utils import empty, seed_arg
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -1196,54 +1196,33 @@ def attention_bwd(
     return dq, dk, dv
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, mask, scale, is_causal, dropout_p, seed = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, mask, out, lse, seed)
-    ctx.args = (scale, is_causal, dropout_p)
-
-
-@no_double_backward("attention")
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, mask, out, lse, seed = ctx.saved_tensors
-    need_dq = ctx.needs_input_grad[0]
-    need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    if grad_out is None or not (need_dq or need_dkdv):
-        return None, None, None, None, None, None, None, None
-    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, mask, *ctx.args, seed, need_dq, need_dkdv)
-    return (
-        dq if need_dq else None,
-        dk if ctx.needs_input_grad[1] else None,
-        dv if ctx.needs_input_grad[2] else None,
-        None, None, None, None, None,
-    )
-
-
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
 # --------------------------------------------------------------------------------------------
-# the op as the dispatch sees it
+# the kernel provider (protocol in fastattn/ops/attention.py)
 # --------------------------------------------------------------------------------------------
 
 
-def attention(q, k, v, mask, scale, is_causal, dropout_p, seed):
-    """Canonical attention op (see fastattn/functional.py): softmax(q·kᵀ·scale + mask)·v."""
-    out, _ = torch.ops.fastattn_triton.attention_fwd(q, k, v, mask, float(scale), bool(is_causal), float(dropout_p), seed)
-    return out
+class Kernels:
+    native_autograd = False
+    forward_op = "fastattn_triton::attention_fwd"
 
+    def supports(self, call) -> str | None:
+        """None when the triton kernels can serve a call with these facts, else why not."""
+        if call.dtype not in _SUPPORTED_DTYPES:
+            return f"the triton attention kernel takes float16, bfloat16 or float32, not {call.dtype}"
+        if max(call.head_dim, call.head_dim_v) > MAX_HEAD_DIM:
+            return f"head dim {max(call.head_dim, call.head_dim_v)} > {MAX_HEAD_DIM}, the largest the triton attention kernel tiles"
+        if call.mask_needs_grad:
+            return "the triton attention kernel gives no gradient for attn_mask, and this one requires grad"
+        return attention_op.unsupported_feature(call)
 
-def supports(q, k, v, mask, scale, is_causal, dropout_p, seed) -> str | None:
-    """None when the triton kernel can serve this call, else why not."""
-    if q.dtype not in _SUPPORTED_DTYPES:
-        return f"the triton attention kernel takes float16, bfloat16 or float32, not {q.dtype}"
-    if q.device.type != "cuda" and not (_INTERPRETING and q.device.type == "cpu"):
-        return f"triton runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1), not {q.device.type}"
-    if q.size(-1) > MAX_HEAD_DIM or v.size(-1) > MAX_HEAD_DIM:
-        return f"head dim {max(q.size(-1), v.size(-1))} > {MAX_HEAD_DIM}, the largest the triton attention kernel tiles"
-    if mask is not None and mask.requires_grad:
-        return "the triton attention kernel gives no gradient for attn_mask, and this one requires grad"
-    return None
+    def forward(self, p, q, k, v):
+        return attention_fwd(q, k, v, p.mask, p.scale, p.is_causal, p.dropout_p, p.seed)
+
+    def backward(self, p, dout, q, k, v, out, lse, need_dq, need_dkdv):
+        return attention_bwd(dout, q, k, v, out, lse, p.mask, p.scale, p.is_causal, p.dropout_p, p.seed, need_dq, need_dkdv)
+
+    def dropout_keep_mask(self, shape, dropout_p, seed, device):
+        return dropout_keep_mask(seed, *shape, dropout_p, device)
 
 
 def dropout_keep_mask(seed, batch: int, heads_q: int, n_q: int, n_k: int, dropout_p: float, device) -> torch.Tensor:
@@ -1260,4 +1239,4 @@ def dropout_keep_mask(seed, batch: int, heads_q: int, n_q: int, n_k: int, dropou
     return keep
 
 
-OPS = {"attention": Op(fn=attention, supports=supports)}
+KERNELS = {"attention": attention_op.bind(Kernels())}

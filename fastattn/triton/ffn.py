@@ -41,9 +41,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastattn.dispatch import Op
+from fastattn.ops import feed_forward as feed_forward_op
 from fastattn.reference import ACTIVATIONS, GATED_ACTIVATIONS
-from fastattn.utils import empty, no_double_backward, seed_arg
+from fastattn.utils import empty, seed_arg
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -513,35 +513,6 @@ def ffn_bwd(
     return dx, dw1, db1, dw2, db2
 
 
-def _setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, activation, dropout_p, seed = inputs
-    ctx.save_for_backward(x, w1, b1, w2, seed)  # x only as activation memory: a and h are recomputed
-    ctx.activation, ctx.dropout_p = activation, dropout_p
-    ctx.has_b2 = b2 is not None
-
-
-@no_double_backward("feed_forward")
-def _backward(ctx, dout):
-    x, w1, b1, w2, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad  # x, w1, b1, w2, b2, ...
-    dx, dw1, db1, dw2, db2 = ffn_bwd(
-        dout, x, w1, b1, w2, ctx.activation, ctx.dropout_p, seed,
-        need[0], need[1] or need[2], need[3] or need[4],
-    )  # fmt: skip
-    return (
-        dx if need[0] else None,
-        dw1 if need[1] else None,
-        db1 if need[2] else None,
-        dw2 if need[3] else None,
-        db2 if need[4] and ctx.has_b2 else None,
-        None,
-        None,
-        None,
-    )
-
-
-ffn_fwd.register_autograd(_backward, setup_context=_setup_context)
-
 if _INTERPRETING:
 
     @ffn_fwd.register_fake
@@ -575,19 +546,34 @@ def dropout_mask(seed, rows: int, hidden: int, dropout_p: float, device) -> torc
     return out.bool()
 
 
-def feed_forward(x, w1, b1, w2, b2, activation, dropout_p, seed):
-    """Canonical op (see fastattn/functional.py): x (M, K) -> (M, w2 rows)."""
-    return ffn_fwd(x, w1, b1, w2, b2, activation, float(dropout_p), seed)
+# --------------------------------------------------------------------------------------------
+# the kernel provider (protocol in fastattn/ops/feed_forward.py)
+# --------------------------------------------------------------------------------------------
 
 
-def supports(x, w1, b1, w2, b2, activation, dropout_p, seed) -> str | None:
-    if x.dtype not in _SUPPORTED_DTYPES:
-        return f"the Triton FFN runs in float16, bfloat16 or float32, not {x.dtype}"
-    if activation not in ACTIVATIONS:
-        return f"unknown activation {activation!r}"
-    if x.device.type != "cuda" and not (_INTERPRETING and x.device.type == "cpu"):
-        return f"triton runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1), not {x.device.type}"
-    return None
+class Kernels:
+    native_autograd = False
+    forward_op = "fastattn_triton::ffn_fwd"
+
+    def supports(self, call) -> str | None:
+        if call.dtype not in _SUPPORTED_DTYPES:
+            return f"the Triton FFN runs in float16, bfloat16 or float32, not {call.dtype}"
+        if call.activation not in ACTIVATIONS:
+            return f"unknown activation {call.activation!r}"
+        return None
+
+    def forward(self, p, x, w1, b1, w2, b2):
+        return ffn_fwd(x, w1, b1, w2, b2, p.activation, p.dropout_p, p.seed)
+
+    def backward(self, p, dout, x, w1, b1, w2, need_dx, need_dw1, need_db1, need_dw2, need_db2):
+        dx, dw1, db1, dw2, db2 = ffn_bwd(
+            dout, x, w1, b1, w2, p.activation, p.dropout_p, p.seed, need_dx, need_dw1 or need_db1, need_dw2 or need_db2
+        )
+        return (dx if need_dx else None, dw1 if need_dw1 else None, db1 if need_db1 else None,
+                dw2 if need_dw2 else None, db2 if need_db2 else None)  # fmt: skip
+
+    def dropout_keep_mask(self, shape, dropout_p, seed, device):
+        return dropout_mask(seed, *shape, dropout_p, device)
 
 
-OPS = {"feed_forward": Op(feed_forward, supports)}
+KERNELS = {"feed_forward": feed_forward_op.bind(Kernels())}

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastattn.dispatch import Op
-from fastattn.utils import empty, no_double_backward
+from fastattn.ops import norms
+from fastattn.utils import empty
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -390,7 +390,7 @@ def _backward(dy, dsum, s, weight, mean, rstd, want_dw, want_db, is_rms):
 
 @triton_op("fastattn_triton::layer_norm_fwd", mutates_args={})
 def _layer_norm_fwd(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, residual: torch.Tensor | None
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, s = x + residual or an empty tensor, mean, rstd)."""
     return _forward(x, weight, bias, eps, residual, is_rms=False)
@@ -398,7 +398,7 @@ def _layer_norm_fwd(
 
 @triton_op("fastattn_triton::rms_norm_fwd", mutates_args={})
 def _rms_norm_fwd(
-    x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, s = x + residual or an empty tensor, rstd)."""
     y, s, _, rstd = _forward(x, weight, None, eps, residual, is_rms=True)
@@ -410,86 +410,36 @@ def _norm_bwd(
     dy: torch.Tensor, dsum: torch.Tensor | None, s: torch.Tensor, weight: torch.Tensor | None,
     mean: torch.Tensor, rstd: torch.Tensor, want_dweight: bool, want_dbias: bool, is_rms: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ds, dweight or empty, dbias or empty); ds already includes dsum, the gradient of s."""
+    """(ds, dweight or empty, dbias or empty); ds includes dsum (the gradient of s) when given."""
     return _backward(dy, dsum, s, weight, mean, rstd, want_dweight, want_dbias, is_rms)
 
 
-def _save_common(ctx, x, weight, residual, s, mean, rstd):
-    ctx.has_residual = residual is not None
-    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
-    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not zeros
-
-
-def _layer_norm_setup(ctx, inputs, output):
-    x, weight, bias, eps, residual = inputs
-    y, s, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    _save_common(ctx, x, weight, residual, s, mean, rstd)
-
-
-def _rms_norm_setup(ctx, inputs, output):
-    x, weight, eps, residual = inputs
-    y, s, rstd = output
-    ctx.mark_non_differentiable(rstd)
-    _save_common(ctx, x, weight, residual, s, rstd.new_empty(0), rstd)
-
-
-def _grads(ctx, dy, dsum, want_dweight, want_dbias, is_rms):
-    s, weight, mean, rstd = ctx.saved_tensors
-    if dy is None:  # only the returned sum is used downstream
-        dy = torch.zeros_like(s)
-    dsum = dsum if ctx.has_residual else None
-    return _norm_bwd(dy, dsum, s, weight, mean, rstd, want_dweight, want_dbias, is_rms)
-
-
-@no_double_backward("layer_norm")
-def _layer_norm_backward(ctx, dy, dsum, _dmean, _drstd):
-    x_grad, w_grad, b_grad, _, r_grad = ctx.needs_input_grad
-    ds, dweight, dbias = _grads(ctx, dy, dsum, w_grad, b_grad, is_rms=False)
-    return ds if x_grad else None, dweight if w_grad else None, dbias if b_grad else None, None, ds if r_grad else None
-
-
-@no_double_backward("rms_norm")
-def _rms_norm_backward(ctx, dy, dsum, _drstd):
-    x_grad, w_grad, _, r_grad = ctx.needs_input_grad
-    ds, dweight, _ = _grads(ctx, dy, dsum, w_grad, False, is_rms=True)
-    return ds if x_grad else None, dweight if w_grad else None, None, ds if r_grad else None
-
-
-_layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
-_rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
-
-
 # --------------------------------------------------------------------------------------------
-# canonical ops (see fastattn/functional.py)
+# the kernel providers (protocol in fastattn/ops/norms.py)
 # --------------------------------------------------------------------------------------------
 
 
-def layer_norm(x, weight, bias, eps, residual):
-    y, s, _, _ = _layer_norm_fwd(x, weight, bias, eps, residual)
-    return y, (s if residual is not None else None)
+class Kernels:
+    native_autograd = False
+
+    def __init__(self, rms: bool):
+        self.rms = rms
+        self.forward_op = "fastattn_triton::rms_norm_fwd" if rms else "fastattn_triton::layer_norm_fwd"
+
+    def supports(self, call) -> str | None:
+        if call.dtype not in _SUPPORTED_DTYPES:
+            return f"triton norms take float16, bfloat16 or float32, got {call.dtype}"
+        return None
+
+    def forward(self, p, x, weight, bias, residual):
+        if self.rms:
+            y, s, rstd = _rms_norm_fwd(x, residual, weight, p.eps)
+            return y, s, rstd.new_empty(0), rstd
+        return _layer_norm_fwd(x, residual, weight, bias, p.eps)
+
+    def backward(self, p, dy, s, weight, mean, rstd, need_dweight, need_dbias):
+        ds, dweight, dbias = _norm_bwd(dy, None, s, weight, mean, rstd, need_dweight, need_dbias, self.rms)
+        return ds, (dweight if need_dweight else None), (dbias if need_dbias else None)
 
 
-def rms_norm(x, weight, eps, residual):
-    y, s, _ = _rms_norm_fwd(x, weight, eps, residual)
-    return y, (s if residual is not None else None)
-
-
-def _supports(x, *tensors):
-    if x.dtype not in _SUPPORTED_DTYPES:
-        return f"triton norms take float16, bfloat16 or float32, got {x.dtype}"
-    for t in tensors:
-        if t is not None and t.dtype not in _SUPPORTED_DTYPES:
-            return f"triton norms take float16, bfloat16 or float32 parameters, got {t.dtype}"
-    return None
-
-
-def layer_norm_supports(x, weight, bias, eps, residual):
-    return _supports(x, weight, bias, residual)
-
-
-def rms_norm_supports(x, weight, eps, residual):
-    return _supports(x, weight, residual)
-
-
-OPS = {"layer_norm": Op(layer_norm, layer_norm_supports), "rms_norm": Op(rms_norm, rms_norm_supports)}
+KERNELS = {"layer_norm": norms.bind(Kernels(rms=False)), "rms_norm": norms.bind(Kernels(rms=True))}

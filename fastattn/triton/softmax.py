@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fastattn.dispatch import Op
-from fastattn.utils import no_double_backward, poisoning, zero_hidden_scores
+from fastattn.ops import softmax as softmax_op
+from fastattn.utils import poisoning
 
 _INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -441,42 +441,27 @@ def _softmax_bwd_op(dy: torch.Tensor, y: torch.Tensor, scale: float, log: bool) 
     return dx
 
 
-def _setup_context(ctx, inputs, output):
-    x, mask, scale, is_causal, log = inputs
-    # log_softmax: the bool mask marks the scores x does not reach (zero gradient, utils.zero_hidden_scores)
-    hidden = mask if log and mask is not None and mask.dtype == torch.bool else None
-    ctx.save_for_backward(output, hidden)
-    ctx.scale, ctx.log, ctx.causal = scale, log, log and is_causal
-    ctx.mask_dtype = None if mask is None else mask.dtype
+# --------------------------------------------------------------------------------------------
+# the kernel provider (protocol in fastattn/ops/softmax.py)
+# --------------------------------------------------------------------------------------------
 
 
-@no_double_backward("softmax")
-def _backward(ctx, dy):
-    y, hidden = ctx.saved_tensors
-    dx = _softmax_bwd_op(dy, y, ctx.scale, ctx.log) if ctx.needs_input_grad[0] else None
-    dmask = None
-    if ctx.needs_input_grad[1]:  # a float mask is added to the scores: its gradient is d(scores)
-        dmask = _softmax_bwd_op(dy, y, 1.0, ctx.log).to(ctx.mask_dtype)
-    if ctx.log:
-        dx = None if dx is None else zero_hidden_scores(dx, hidden, ctx.causal)
-        dmask = None if dmask is None else zero_hidden_scores(dmask, None, ctx.causal)
-    return dx, dmask, None, None, None
+class Kernels:
+    native_autograd = False
+    forward_op = "fastattn_triton::softmax"
+
+    def supports(self, call) -> str | None:
+        if call.dtype not in _SUPPORTED_DTYPES:
+            return f"triton softmax takes float16, bfloat16 or float32, got {call.dtype}"
+        if call.mask_dtype is not None and call.mask_dtype not in (torch.bool, *_SUPPORTED_DTYPES, torch.float64):
+            return f"triton softmax takes a bool or floating mask, got {call.mask_dtype}"
+        return None
+
+    def forward(self, p, x):
+        return _softmax_op(x, p.mask, p.scale, p.is_causal, p.log)
+
+    def backward(self, p, dy, y, scale):
+        return _softmax_bwd_op(dy, y, scale, p.log)
 
 
-_softmax_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def softmax(x, mask, scale, is_causal, log):
-    """Canonical op (see fastattn/functional.py): softmax along x's last dim."""
-    return _softmax_op(x, mask, scale, is_causal, log)
-
-
-def supports(x, mask, scale, is_causal, log):
-    if x.dtype not in _SUPPORTED_DTYPES:
-        return f"triton softmax takes float16, bfloat16 or float32, got {x.dtype}"
-    if mask is not None and mask.dtype not in (torch.bool, *_SUPPORTED_DTYPES, torch.float64):
-        return f"triton softmax takes a bool or floating mask, got {mask.dtype}"
-    return None
-
-
-OPS = {"softmax": Op(softmax, supports)}
+KERNELS = {"softmax": softmax_op.bind(Kernels())}
