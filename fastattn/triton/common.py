@@ -21,6 +21,7 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x·LOG2E)
 LN2 = 0.6931471805599453  # ln(2): ln(x) = log2(x)·LN2
 # The same as constexprs, for use inside @triton.jit functions (which read only constexpr globals).
 LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(LN2)
 
 
 def next_power_of_2(n: int) -> int:
