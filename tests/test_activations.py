@@ -81,7 +81,9 @@ def test_cpu_epilogue_every_activation(activation):
 def test_cpu_epilogue_rejects_unknown_name():
     if fastattn.backends()["cpu"] is not None:
         pytest.skip(f"cpu: {fastattn.backends()['cpu']}")
-    with pytest.raises(ValueError, match="activation must be one of relu, gelu, gelu_tanh, silu, swiglu, geglu, geglu_tanh"):
+    with pytest.raises(
+        ValueError, match="activation must be one of relu, gelu, gelu_tanh, silu, swiglu, geglu, geglu_tanh"
+    ):
         torch.ops.fastattn.ffn_act_fwd(torch.randn(2, 4), None, "swish", 0.0, None)
 
 

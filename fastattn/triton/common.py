@@ -25,7 +25,7 @@ LN2_C = tl.constexpr(LN2)
 
 
 def next_power_of_2(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1), as triton.next_power_of_2."""
+    """The smallest power of two >= n, for n >= 1 (as triton.next_power_of_2)."""
     return 1 << max(0, (n - 1).bit_length())
 
 
