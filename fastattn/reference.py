@@ -15,13 +15,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_tanh")
-# Gated: the first half of h's columns (w1's first rows) is the gate, act(gate)·up. swiglu gates with
-# silu, geglu with the exact (erf) gelu, geglu_tanh with gelu's tanh approximation (Hugging Face's
-# gelu_pytorch_tanh gate of Gemma, Liger-Kernel's GEGLU).
-GATED_ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
-_GATE_FUNCTION = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
-
+# The activation table is fastattn/activations.py (one for every backend), re-exported here where the
+# FFN's callers import it from. Gated: the first half of h's columns (w1's first rows) is the gate,
+# act(gate)·up.
+from fastattn.activations import ACTIVATIONS, GATED_ACTIVATIONS
+from fastattn.activations import base_function as _gate_function
 
 # --------------------------------------------------------------------------------------------
 # attention
@@ -125,7 +123,7 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     ``gelu`` and ``geglu`` use the exact (erf) gelu, ``gelu_tanh`` and ``geglu_tanh`` its tanh form."""
     if activation in GATED_ACTIVATIONS:
         gate, up = h.chunk(2, dim=-1)
-        return activate(gate, _GATE_FUNCTION[activation]) * up
+        return activate(gate, _gate_function(activation)) * up
     if activation == "relu":
         return F.relu(h)
     if activation == "gelu":

@@ -394,9 +394,9 @@ def test_triton_fixed_config_without_autotuning(monkeypatch):
     """FASTATTN_AUTOTUNE=0 (the GPU check's tests) gives the FFN kernels one config, one both tile
     lists hold, that fits A100 shared memory and the register limit for every dtype, gated or not."""
     pytest.importorskip("triton")
-    from fastattn.triton import ffn
+    from fastattn.triton import common, ffn
 
-    monkeypatch.setattr(ffn, "_INTERPRETING", False)
+    monkeypatch.setattr(common, "INTERPRETING", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("FASTATTN_AUTOTUNE", "0")
     (config,) = ffn._configs(ffn._FWD_TILES)

@@ -11,68 +11,33 @@
 #include <string>
 #include <utility>
 
+#include "../activation_arg.h"
+#include "../activations.h"
 #include "common.h"
 #include "simd.h"
 
 namespace fastattn::cpu {
 namespace {
 
-enum class Act { kRelu, kGelu, kGeluTanh, kSilu, kSwiglu, kGeglu, kGegluTanh };
+using Act = ::fastattn::Activation;
 
-Act parse_activation(const std::string& name) {
-  if (name == "relu") return Act::kRelu;
-  if (name == "gelu") return Act::kGelu;
-  if (name == "gelu_tanh") return Act::kGeluTanh;
-  if (name == "silu") return Act::kSilu;
-  if (name == "swiglu") return Act::kSwiglu;
-  if (name == "geglu") return Act::kGeglu;
-  if (name == "geglu_tanh") return Act::kGegluTanh;
-  TORCH_CHECK_VALUE(false,
-                    "fastattn ffn: activation must be relu, gelu, gelu_tanh, silu, swiglu, geglu or geglu_tanh, got '",
-                    name, "'");
-}
+// The elementary functions of csrc/activations.h's formulas: the branch-free simd:: ones, so that the
+// row loops vectorise.
+struct SimdMath {
+  static FASTATTN_INLINE float exp(float x) { return simd::exp(x); }
+  static FASTATTN_INLINE float tanh(float x) { return simd::tanh(x); }
+  static FASTATTN_INLINE float sigmoid(float x) { return simd::sigmoid(x); }
+  static FASTATTN_INLINE float normal_cdf(float x) { return 0.5f * (1.f + simd::erf(x * kSqrtHalf)); }
+};
 
-bool is_gated(Act act) { return act == Act::kSwiglu || act == Act::kGeglu || act == Act::kGegluTanh; }
-
-// The function under the gate: swiglu gates with silu, geglu with the exact (erf) gelu, geglu_tanh with the
-// tanh approximation (HF's gelu_pytorch_tanh, Liger's GEGLU).
-Act base_activation(Act act) {
-  if (act == Act::kSwiglu) return Act::kSilu;
-  if (act == Act::kGeglu) return Act::kGelu;
-  if (act == Act::kGegluTanh) return Act::kGeluTanh;
-  return act;
-}
-
-constexpr float kSqrtHalf = 0.70710678118654752f;
-constexpr float kInvSqrt2Pi = 0.39894228040143268f;
-constexpr float kTanhScale = 0.79788456080286536f;  // sqrt(2 / pi)
-constexpr float kTanhCubic = 0.044715f;
-
-// The activations and their derivatives, branch-free on simd:: math so that the row loops vectorise.
 template <Act A>
 FASTATTN_INLINE float activate(float x) {
-  if constexpr (A == Act::kRelu) return x < 0.f ? 0.f : x;  // NaN stays NaN, as torch.relu
-  if constexpr (A == Act::kGelu) return 0.5f * x * (1.f + simd::erf(x * kSqrtHalf));
-  if constexpr (A == Act::kGeluTanh) return 0.5f * x * (1.f + simd::tanh(kTanhScale * (x + kTanhCubic * x * x * x)));
-  if constexpr (A == Act::kSilu) return x * simd::sigmoid(x);
-  return x;
+  return ::fastattn::activate<A, SimdMath>(x).value;
 }
 
 template <Act A>
 FASTATTN_INLINE float activate_grad(float x) {
-  if constexpr (A == Act::kRelu) return x <= 0.f ? 0.f : 1.f;  // at NaN the gradient passes, as torch's
-  if constexpr (A == Act::kGelu) {
-    return 0.5f * (1.f + simd::erf(x * kSqrtHalf)) + x * kInvSqrt2Pi * simd::exp(-0.5f * x * x);
-  }
-  if constexpr (A == Act::kGeluTanh) {
-    const float t = simd::tanh(kTanhScale * (x + kTanhCubic * x * x * x));
-    return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * kTanhScale * (1.f + 3.f * kTanhCubic * x * x);
-  }
-  if constexpr (A == Act::kSilu) {
-    const float s = simd::sigmoid(x);
-    return s * (1.f + x * (1.f - s));
-  }
-  return 1.f;
+  return ::fastattn::activate<A, SimdMath>(x).derivative;
 }
 
 // One row of the forward: a = act(pre) (up == nullptr) or act(pre) * up (gated), n values.
@@ -129,10 +94,10 @@ struct Epilogue {
   uint32_t threshold;
   float keep_scale;
 
-  Epilogue(const at::Tensor& h, const std::string& activation, double p, int64_t seed) {
-    act = parse_activation(activation);
+  Epilogue(const at::Tensor& h, c10::string_view activation, double p, int64_t seed) {
+    act = activation_arg(activation);
     rows = h.size(0), width = h.size(1);
-    TORCH_CHECK_VALUE(!is_gated(act) || width % 2 == 0, "fastattn ffn: gated activation ", activation,
+    TORCH_CHECK_VALUE(!is_gated(act) || width % 2 == 0, "fastattn ffn: gated activation ", kActivationNames[static_cast<int>(act)],
                       " needs an even number of columns in h, got ", width);
     hidden = is_gated(act) ? width / 2 : width;
     TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "fastattn ffn: dropout_p must be in [0, 1)");
@@ -229,7 +194,7 @@ void epilogue_backward(const Epilogue& e, const at::Tensor& grad, const at::Tens
 at::Tensor ffn_act_fwd(const at::Tensor& h, const c10::optional<at::Tensor>& bias, c10::string_view activation,
                        double dropout_p, const c10::optional<at::Tensor>& seed) {
   check_epilogue_inputs(h, bias);
-  const Epilogue e(h, std::string(activation), dropout_p, read_seed(seed, dropout_p));
+  const Epilogue e(h, activation, dropout_p, read_seed(seed, dropout_p));
   at::Tensor a = new_output({e.rows, e.hidden}, h.options());
   if (a.numel() == 0) return a;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "fastattn_ffn_act_fwd",
@@ -240,7 +205,7 @@ at::Tensor ffn_act_fwd(const at::Tensor& h, const c10::optional<at::Tensor>& bia
 at::Tensor ffn_act_bwd(const at::Tensor& grad, const at::Tensor& h, const c10::optional<at::Tensor>& bias,
                        c10::string_view activation, double dropout_p, const c10::optional<at::Tensor>& seed) {
   check_epilogue_inputs(h, bias);
-  const Epilogue e(h, std::string(activation), dropout_p, read_seed(seed, dropout_p));
+  const Epilogue e(h, activation, dropout_p, read_seed(seed, dropout_p));
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({e.rows, e.hidden}), "fastattn ffn_act_bwd: grad must have shape (",
                     e.rows, ", ", e.hidden, "), got ", grad.sizes());
   TORCH_CHECK_TYPE(grad.scalar_type() == h.scalar_type(), "fastattn ffn_act_bwd: grad must have h's dtype");

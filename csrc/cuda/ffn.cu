@@ -10,48 +10,21 @@ namespace fastattn {
 namespace cuda {
 namespace {
 
-constexpr float kSqrtHalf = 0.70710678118654752f;     // 1/√2
-constexpr float kInvSqrt2Pi = 0.39894228040143268f;   // 1/√(2π)
-constexpr float kSqrt2OverPi = 0.79788456080286536f;  // √(2/π)
-constexpr float kGeluTanhCubic = 0.044715f;
-
-// tanh through expm1: accurate near 0 and unaffected by --use_fast_math (which maps tanhf to
-// the 11-bit tanh.approx).
-__device__ __forceinline__ float accurate_tanh(float u) {
-  const float em = expm1f(-2.f * fabsf(u));
-  return copysignf(-em / (2.f + em), u);
-}
-
-__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
-
-// Value and derivative of the element-wise activations.
-struct ActValue {
-  float value, derivative;
+// The elementary functions of csrc/activations.h's formulas on the device. tanh through expm1:
+// accurate near 0 and unaffected by --use_fast_math (which maps tanhf to the 11-bit tanh.approx); the
+// normal CDF through erfc, without the 1 + erf cancellation for negative x.
+struct DeviceMath {
+  static FASTATTN_HOST_DEVICE float exp(float x) { return expf(x); }
+  static FASTATTN_HOST_DEVICE float tanh(float u) {
+    const float em = expm1f(-2.f * fabsf(u));
+    return copysignf(-em / (2.f + em), u);
+  }
+  static FASTATTN_HOST_DEVICE float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+  static FASTATTN_HOST_DEVICE float normal_cdf(float x) { return 0.5f * erfcf(-x * kSqrtHalf); }
 };
 
-__device__ __forceinline__ ActValue activate(Activation act, float x) {
-  switch (act) {
-    case Activation::kRelu:
-      return {x < 0.f ? 0.f : x, x <= 0.f ? 0.f : 1.f};  // NaN stays NaN and passes its gradient, as torch
-    case Activation::kGelu:
-    case Activation::kGeglu: {
-      const float cdf = 0.5f * erfcf(-x * kSqrtHalf);  // Φ(x) without the 1 + erf cancellation
-      return {x * cdf, cdf + x * kInvSqrt2Pi * expf(-0.5f * x * x)};
-    }
-    case Activation::kGeluTanh:
-    case Activation::kGegluTanh: {
-      const float t = accurate_tanh(kSqrt2OverPi * (x + kGeluTanhCubic * x * x * x));
-      const float dinner = kSqrt2OverPi * (1.f + 3.f * kGeluTanhCubic * x * x);
-      return {0.5f * x * (1.f + t), 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * dinner};
-    }
-    case Activation::kSilu:
-    case Activation::kSwiglu:
-    default: {
-      const float s = sigmoid(x);
-      return {x * s, s * (1.f + x * (1.f - s))};
-    }
-  }
-}
+// Value and derivative of the element-wise activation (gated ones: of their gate's function).
+__device__ __forceinline__ ActValue activate(Activation act, float x) { return ::fastattn::activate<DeviceMath>(act, x); }
 
 // (row, col) of a flat index over (rows, cols).
 struct RowCol {

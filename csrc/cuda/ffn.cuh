@@ -12,17 +12,16 @@
 
 #include <cstdint>
 
+#include "../activations.h"
 #include "types.h"
 
 namespace fastattn {
 namespace cuda {
 
-// Gated: swiglu gates with silu, geglu with the exact (erf) gelu, geglu_tanh with its tanh approximation.
-enum class Activation : int { kRelu = 0, kGelu = 1, kGeluTanh = 2, kSilu = 3, kSwiglu = 4, kGeglu = 5, kGegluTanh = 6 };
-
-FASTATTN_HOST_DEVICE bool is_gated(Activation act) {
-  return act == Activation::kSwiglu || act == Activation::kGeglu || act == Activation::kGegluTanh;
-}
+// The activation codes and gating are csrc/activations.h's (shared with the CPU kernels and, by
+// number, with fastattn/activations.py).
+using ::fastattn::Activation;
+using ::fastattn::is_gated;
 
 struct FfnActParams {
   const void* h = nullptr;

@@ -9,26 +9,13 @@
 #include <optional>
 #include <string>
 
+#include "../activation_arg.h"
 #include "api_utils.h"
 #include "ffn.cuh"
 
 namespace fastattn {
 namespace cuda {
 namespace {
-
-Activation parse_activation(c10::string_view name) {
-  const std::string s(name.data(), name.size());
-  if (s == "relu") return Activation::kRelu;
-  if (s == "gelu") return Activation::kGelu;
-  if (s == "gelu_tanh") return Activation::kGeluTanh;
-  if (s == "silu") return Activation::kSilu;
-  if (s == "swiglu") return Activation::kSwiglu;
-  if (s == "geglu") return Activation::kGeglu;
-  if (s == "geglu_tanh") return Activation::kGegluTanh;
-  TORCH_CHECK_VALUE(false, "activation must be one of relu, gelu, gelu_tanh, silu, swiglu, geglu, geglu_tanh, got '", s,
-                    "'");
-  return Activation::kGelu;  // unreachable
-}
 
 // Checks h and bias, fills the shared parameters (everything but grad and out).
 FfnActParams ffn_params(const at::Tensor& h, const std::optional<at::Tensor>& bias, c10::string_view activation,
@@ -37,7 +24,7 @@ FfnActParams ffn_params(const at::Tensor& h, const std::optional<at::Tensor>& bi
   FfnActParams p;
   p.dtype = kernel_dtype(h, "h");
   TORCH_CHECK_VALUE(h.dim() == 2, "h must be 2-D (M, H1), got shape ", h.sizes());
-  p.activation = parse_activation(activation);
+  p.activation = activation_arg(activation);
   const int64_t hidden_in = h.size(1);
   TORCH_CHECK_VALUE(!is_gated(p.activation) || hidden_in % 2 == 0,
                     "h must have an even number of columns (gate, then up) for ",

@@ -52,14 +52,14 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from fastattn.ops import attention as attention_op
+from fastattn.triton.common import INTERPRETING as _INTERPRETING
+from fastattn.triton.common import LN2, LN2_C, LOG2E, LOG2E_C, next_power_of_2  # noqa: F401  (LN2: kept public)
+from fastattn.triton.common import SUPPORTED_DTYPES as _SUPPORTED_DTYPES
+from fastattn.triton.common import capability as _capability
+from fastattn.triton.common import shared_memory_limit as _shared_memory_limit
 from fastattn.utils import empty, seed_arg
 
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-
-LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x·LOG2E)
-LN2 = 0.6931471805599453  # ln(2): ln(x) = log2(x)·LN2
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def _mask_scores(
             s = tl.where(attend != 0, s, float("-inf"))
         else:
             bias = tl.load(mask_ptrs, mask=in_bounds, other=0.0)
-            s = s + bias.to(tl.float32) * 1.4426950408889634
+            s = s + bias.to(tl.float32) * LOG2E_C
     if CHECK_KEYS:
         s = tl.where(k_idx < n_k, s, float("-inf"))
     if IS_CAUSAL:
@@ -408,7 +408,7 @@ def _attn_fwd_kernel(
     inv_l = 1.0 / tl.where(empty_row, 1.0, l_i)
     if DROPOUT:
         inv_l = inv_l * (1.0 / (1.0 - dropout_p))
-    lse = tl.where(empty_row, float("inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+    lse = tl.where(empty_row, float("inf"), (m_i + tl.math.log2(l_i)) * LN2_C)
 
     rows = start_m + tl.arange(0, BLOCK_M)
     out_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
@@ -514,7 +514,7 @@ def _dkdv_query_blocks(
             MASK_KIND, False, IS_CAUSAL, True,
         )
         rows_ok = start_m + q_local_1d < n_q
-        lse2 = tl.load(lse_base + start_m + q_local_1d, mask=rows_ok, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.load(lse_base + start_m + q_local_1d, mask=rows_ok, other=float("inf")) * LOG2E_C
         p_t = tl.math.exp2(s_t - lse2[None, :])
         do = _load_tile(do_base, start_m, stride_dom, n_q, BLOCK_M, BLOCK_DV, HEAD_DIM_V, True, False)
         dp_t = _dot(v, tl.trans(do), UPCAST_DOT, DOT_PRECISION)
@@ -780,7 +780,7 @@ def _attn_bwd_dq_kernel(
     )
     rows = start_m + tl.arange(0, BLOCK_M)
     rows_ok = rows < n_q
-    lse2 = tl.load(Lse + bh.to(tl.int64) * n_q + rows, mask=rows_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(Lse + bh.to(tl.int64) * n_q + rows, mask=rows_ok, other=float("inf")) * LOG2E_C
     delta = tl.load(Delta + bh.to(tl.int64) * n_q + rows, mask=rows_ok, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
@@ -824,14 +824,6 @@ _INTERPRETER_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
 
 def _autotuning() -> bool:
     return not _INTERPRETING and os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
-
-
-def _shared_memory_limit() -> int:
-    """Bytes of shared memory one program may use on the current GPU (A100 ~163 KiB, H100 ~227 KiB)."""
-    if not torch.cuda.is_available():
-        return 0
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
 
 
 def _stages(block_d: int) -> tuple[int, ...]:
@@ -910,14 +902,6 @@ _FP32_BLOCKS = {
 _FP32_CAUSAL_SPILLS = {("fwd", 128, 64, 32, 8)}
 
 
-def _capability() -> int:
-    """The current GPU's compute capability as 80, 90, ... (90 without a GPU: Hopper lists)."""
-    if not torch.cuda.is_available():
-        return 90
-    major, minor = torch.cuda.get_device_capability()
-    return major * 10 + minor
-
-
 def _width(block_d: int) -> int:
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
@@ -989,7 +973,7 @@ def length_bucket(n):
     """The autotuning key of a sequence length: the next power of two (at least 16). Symbolic sizes
     (torch.compile with dynamic shapes) get a linear bucket of 256, which Inductor can compute."""
     if isinstance(n, int):
-        return max(16, triton.next_power_of_2(n))
+        return max(16, next_power_of_2(n))
     return (n + 255) // 256 * 256
 
 
@@ -1045,7 +1029,7 @@ _launched: set = set()
 
 
 def _block_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def _head_pieces(d: int) -> tuple[int, int]:

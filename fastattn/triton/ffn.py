@@ -41,15 +41,24 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from fastattn import activations
+from fastattn.activations import ACTIVATIONS, GATED_ACTIVATIONS
 from fastattn.ops import feed_forward as feed_forward_op
-from fastattn.reference import ACTIVATIONS, GATED_ACTIVATIONS
+from fastattn.triton import common
+from fastattn.triton.common import SUPPORTED_DTYPES
 from fastattn.utils import empty, seed_arg
 
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The kernels' ACTIVATION constexpr: the function applied to h (to the gate of a gated activation).
-# Integers rather than strings, so that Inductor renders them trivially in its kernel launches.
-_ACTIVATION_CODE = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "swiglu": 3, "geglu": 1, "geglu_tanh": 2}
+# The kernels' ACTIVATION constexpr is the code (fastattn/activations.py, csrc/activations.h) of the
+# function applied to h (to the gate of a gated activation): an integer rather than a string, so that
+# Inductor renders it trivially in its kernel launches. _activation below switches on these codes.
+_RELU, _GELU, _GELU_TANH, _SILU = (tl.constexpr(activations.code(n)) for n in ("relu", "gelu", "gelu_tanh", "silu"))
+# The activations' constants (csrc/activations.h names the same ones for the C++ kernels). Tensor
+# operand first where they multiply (constexpr * tensor does not stay a tensor in the interpreter).
+_SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1/√2: Φ(x) = (1 + erf(x/√2)) / 2
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/√(2π): φ(x) = e^{-x²/2}/√(2π)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # √(2/π), the tanh approximation's scale
+_GELU_TANH_CUBIC = tl.constexpr(0.044715)  # and its cubic coefficient
+_GELU_TANH_CUBIC_3 = tl.constexpr(0.134145)  # 3 · 0.044715, in its derivative
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,20 +66,9 @@ _ACTIVATION_CODE = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "swiglu": 3
 # --------------------------------------------------------------------------------------------
 
 
-def _shared_memory_limit() -> int:
-    """Bytes of shared memory one program may use on the current GPU (A100 ~163 KiB, H100 ~227 KiB)."""
-    if _INTERPRETING or not torch.cuda.is_available():
-        return 0
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
-
-
-_SHARED_MEMORY = _shared_memory_limit()
-
-
 def _configs(candidates) -> list[triton.Config]:
     """triton.Configs from (BLOCK_M, BLOCK_H, BLOCK_K, warps, stages) tuples."""
-    if _INTERPRETING or not torch.cuda.is_available():
+    if common.INTERPRETING or not torch.cuda.is_available():
         # one config, small enough that tests with odd shapes cover several tiles and masked edges
         return [triton.Config({"BLOCK_M": 32, "BLOCK_H": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     if os.environ.get("FASTATTN_AUTOTUNE", "1") == "0":
@@ -134,13 +132,6 @@ _REGISTER_BUDGETS = {  # (max accumulators + operands, max operands)
 }
 
 
-def _capability() -> int:
-    if _INTERPRETING or not torch.cuda.is_available():
-        return 90
-    major, minor = torch.cuda.get_device_capability()
-    return major * 10 + minor
-
-
 def _register_estimate(bm: int, bh: int, bk: int, warps: int, accumulators: int, w_tiles: int, element_size: int):
     """(fp32 accumulator registers, operand-tile registers) per thread of a tile."""
     threads = 32 * warps
@@ -151,19 +142,25 @@ def _prune(configs, args, accumulators: int, shared_memory: int | None = None, c
     """Keep the configs that fit this call: pipeline buffers (x tile + gate and up w1 tiles per
     stage; the backward's dout/w2 loop needs less and reuses them) within the device's shared
     memory, registers within the architecture's budget (_REGISTER_BUDGETS: beyond, ptxas spills),
-    and tiles not mostly padding for the problem's M and hidden."""
+    and tiles not mostly padding for the problem's M and hidden. ``shared_memory`` and
+    ``capability`` default to those of x's device."""
     if len(configs) <= 1:
         return configs
     element_size = args["x_ptr"].element_size()
     w_tiles = 2 if args["GATED"] else 1
-    arch = 90 if (_capability() if capability is None else capability) >= 90 else 80
+    device = args["x_ptr"].device
+    if shared_memory is None:
+        shared_memory = common.shared_memory_limit(device)
+    if capability is None:
+        capability = common.capability(device)
+    arch = 90 if capability >= 90 else 80
     max_total, max_operands = _REGISTER_BUDGETS[(arch, element_size == 4)]
     kept = []
     for c in configs:
         bm, bh, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_H"], c.kwargs["BLOCK_K"]
         smem = c.num_stages * (bm * bk + w_tiles * bh * bk) * element_size
         acc, operands = _register_estimate(bm, bh, bk, c.num_warps, accumulators, w_tiles, element_size)
-        fits = smem <= (shared_memory or _SHARED_MEMORY) and acc <= 96 and acc + operands <= max_total and operands <= max_operands
+        fits = smem <= shared_memory and acc <= 96 and acc + operands <= max_total and operands <= max_operands
         if fits and bm // 2 < args["M_BUCKET"] and bh // 2 < args["H"]:
             kept.append(c)
     # nothing fits: the smallest tile, with the most warps (fewest registers per thread)
@@ -215,13 +212,13 @@ def _tanh(u):
 
 @triton.jit
 def _activation(h, ACTIVATION: tl.constexpr):
-    """act(h) in float32; ACTIVATION: 0 relu, 1 gelu (exact, erf), 2 gelu_tanh, 3 silu."""
-    if ACTIVATION == 0:  # relu
+    """act(h) in float32; ACTIVATION: the code of relu, gelu (exact, erf), gelu_tanh or silu."""
+    if ACTIVATION == _RELU:
         out = tl.where(h < 0.0, 0.0, h)  # NaN stays NaN, as torch.relu (tl.maximum would drop it)
-    elif ACTIVATION == 1:  # gelu
-        out = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-    elif ACTIVATION == 2:  # gelu_tanh
-        out = 0.5 * h * (1.0 + _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
+    elif ACTIVATION == _GELU:
+        out = 0.5 * h * (1.0 + tl.math.erf(h * _SQRT_HALF))
+    elif ACTIVATION == _GELU_TANH:
+        out = 0.5 * h * (1.0 + _tanh((h + h * _GELU_TANH_CUBIC * h * h) * _SQRT_2_OVER_PI))
     else:  # silu
         out = h * _sigmoid(h)
     return out
@@ -230,15 +227,15 @@ def _activation(h, ACTIVATION: tl.constexpr):
 @triton.jit
 def _activation_grad(h, ACTIVATION: tl.constexpr):
     """d act / d h in float32."""
-    if ACTIVATION == 0:  # relu
+    if ACTIVATION == _RELU:
         grad = tl.where(h <= 0.0, 0.0, 1.0)  # at NaN the gradient passes, as torch's
-    elif ACTIVATION == 1:  # gelu
-        cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
-        pdf = 0.3989422804014327 * tl.exp(-0.5 * h * h)
+    elif ACTIVATION == _GELU:
+        cdf = 0.5 * (1.0 + tl.math.erf(h * _SQRT_HALF))
+        pdf = tl.exp(-0.5 * h * h) * _INV_SQRT_2PI
         grad = cdf + h * pdf
-    elif ACTIVATION == 2:  # gelu_tanh
-        t = _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h))
-        grad = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * h * h)
+    elif ACTIVATION == _GELU_TANH:
+        t = _tanh((h + h * _GELU_TANH_CUBIC * h * h) * _SQRT_2_OVER_PI)
+        grad = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + h * _GELU_TANH_CUBIC_3 * h)
     else:  # silu
         s = _sigmoid(h)
         grad = s * (1.0 + h * (1.0 - s))
@@ -425,11 +422,11 @@ def _needs_64bit_counter(rows: int, hidden: int) -> bool:
 
 def _kernel_flags(x: torch.Tensor, activation: str, dropout_p: float, rows: int, hidden: int) -> dict:
     return {
-        "ACTIVATION": _ACTIVATION_CODE[activation],
+        "ACTIVATION": activations.base_code(activation),
         "GATED": activation in GATED_ACTIVATIONS,
         "HAS_DROPOUT": dropout_p > 0.0,
         "INDEX_64": _needs_64bit_counter(rows, hidden),
-        "UPCAST_DOT": _INTERPRETING,
+        "UPCAST_DOT": common.INTERPRETING,
         "EXACT_FP32": x.dtype == torch.float32,
     }
 
@@ -442,7 +439,7 @@ def _define_op(name: str):
     """A ``triton_op`` (torch.compile traces into it and sees the kernels); under the interpreter a
     plain opaque ``custom_op`` with a fake registered below, because interpreted kernels can be
     launched but not traced (torch would drop them from the graph)."""
-    if _INTERPRETING:
+    if common.INTERPRETING:
         return torch.library.custom_op(name, mutates_args=())
     return triton_op(name, mutates_args=())
 
@@ -513,7 +510,7 @@ def ffn_bwd(
     return dx, dw1, db1, dw2, db2
 
 
-if _INTERPRETING:
+if common.INTERPRETING:
 
     @ffn_fwd.register_fake
     def _ffn_fwd_fake(x, w1, b1, w2, b2, activation, dropout_p, seed):
@@ -556,7 +553,7 @@ class Kernels:
     forward_op = "fastattn_triton::ffn_fwd"
 
     def supports(self, call) -> str | None:
-        if call.dtype not in _SUPPORTED_DTYPES:
+        if call.dtype not in SUPPORTED_DTYPES:
             return f"the Triton FFN runs in float16, bfloat16 or float32, not {call.dtype}"
         if call.activation not in ACTIVATIONS:
             return f"unknown activation {call.activation!r}"

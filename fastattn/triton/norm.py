@@ -16,17 +16,16 @@ rows are streamed in chunks (two passes over the row: statistics, then output).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from fastattn.ops import norms
+from fastattn.triton.common import INTERPRETING as _INTERPRETING
+from fastattn.triton.common import SUPPORTED_DTYPES as _SUPPORTED_DTYPES
+from fastattn.triton.common import next_power_of_2, num_warps, sm_count
 from fastattn.utils import empty
-
-_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 MAX_FUSED_N = 8192  # longest row held whole in registers in the forward
 MAX_FUSED_N_BWD = 4096  # and in the backward, which keeps more values live per element
@@ -36,7 +35,7 @@ MAX_FUSED_N_BWD = 4096  # and in the backward, which keeps more values live per 
 TILE_ELEMENTS = 65536 if _INTERPRETING else 4096
 LONG_BLOCK_N = 16384 if _INTERPRETING else 4096
 REDUCE_BLOCK_N = 4096 if _INTERPRETING else 128
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_WARPS = 32  # per program
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,34 +271,19 @@ def _sum_partials(part_ptr, out_ptr, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.co
 # --------------------------------------------------------------------------------------------
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _num_warps(tile_elements: int, per_thread: int = 16) -> int:
-    """Warps for a tile of that many elements, about ``per_thread`` elements per thread."""
-    return max(4, min(32, tile_elements // (32 * per_thread)))
-
-
 def _row_tiling(m: int, n: int, max_fused: int) -> tuple[int, int] | None:
     """(BLOCK_M, BLOCK_N) when rows fit whole in registers, else None (streamed rows)."""
     if n > max_fused:
         return None
-    block_n = _next_pow2(n)
-    return min(_next_pow2(m), max(1, TILE_ELEMENTS // block_n)), block_n
-
-
-_sm_counts: dict[int, int] = {}
+    block_n = next_power_of_2(n)
+    return min(next_power_of_2(m), max(1, TILE_ELEMENTS // block_n)), block_n
 
 
 def _backward_programs(device: torch.device, work_items: int) -> int:
     """Programs for the backward (each owns one row of the partial buffers): enough to fill the GPU,
     few enough that the partial buffers stay small next to x."""
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in _sm_counts:
-            _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        target = 2 * _sm_counts[index]
+        target = 2 * sm_count(device)
     else:
         target = 4
     return max(1, min(work_items, target))
@@ -335,7 +319,7 @@ def _forward(x, weight, bias, eps, residual, is_rms):
     if tiling is not None:
         block_m, block_n = tiling
         wrap_triton(_norm_fwd_single)[(triton.cdiv(m, block_m),)](
-            *args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n)
+            *args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps(block_m * block_n, 16, MAX_WARPS)
         )
     else:
         wrap_triton(_norm_fwd_long)[(m,)](*args, **flags, BLOCK_N=LONG_BLOCK_N, num_warps=8)
@@ -371,13 +355,13 @@ def _backward(dy, dsum, s, weight, mean, rstd, want_dw, want_db, is_rms):
         block_m, block_n = tiling
         wrap_triton(_norm_bwd_single)[(n_programs,)](
             *args, triton.cdiv(m, block_m), *strides, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=_num_warps(block_m * block_n, per_thread=8),  # more live values than the forward
+            num_warps=num_warps(block_m * block_n, 8, MAX_WARPS),  # more live values than the forward
         )
     else:
         wrap_triton(_norm_bwd_long)[(n_programs,)](*args, *strides, **flags, BLOCK_N=LONG_BLOCK_N, num_warps=8)
     for part, out, wanted in ((dw_part, dweight, want_dw), (db_part, dbias, want_db)):
         if wanted:
-            block_n = min(REDUCE_BLOCK_N, _next_pow2(n))
+            block_n = min(REDUCE_BLOCK_N, next_power_of_2(n))
             wrap_triton(_sum_partials)[(triton.cdiv(n, block_n),)](part, out, n_programs, n, BLOCK_P=32,
                                                                    BLOCK_N=block_n, num_warps=4)
     return ds, dweight, dbias

@@ -22,17 +22,16 @@ dx = scale·(dy - exp(y)·sum(dy)) and 0 where y = -inf (masked).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from fastattn.ops import softmax as softmax_op
+from fastattn.triton.common import INTERPRETING as _INTERPRETING
+from fastattn.triton.common import SUPPORTED_DTYPES as _SUPPORTED_DTYPES
+from fastattn.triton.common import next_power_of_2, num_warps, sm_count
 from fastattn.utils import poisoning
-
-_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 MAX_FUSED_N = 16384  # longest row kept whole in registers (single pass)
 # Elements per tile when several rows share a program, and chunk length when a row is streamed.
@@ -40,7 +39,7 @@ MAX_FUSED_N = 16384  # longest row kept whole in registers (single pass)
 TILE_ELEMENTS = 65536 if _INTERPRETING else 4096
 LONG_BLOCK_N = 16384 if _INTERPRETING else 4096
 MAX_OUTER_DIMS = 3  # leading dims the kernels index besides the inner one
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_WARPS = 16  # per program
 
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 
@@ -297,26 +296,11 @@ def _fold_rows(shape, strides_per_tensor, pin_inner: bool):
     return sizes, strides
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _num_warps(tile_elements: int, per_thread: int) -> int:
-    """Warps for a tile of that many elements, about ``per_thread`` elements per thread."""
-    return max(4, min(16, tile_elements // (32 * per_thread)))
-
-
-_sm_counts: dict[int, int] = {}
-
-
 def _target_programs(device: torch.device) -> int:
     """Programs that keep the device busy: a few per SM on a GPU, a handful in the interpreter."""
     if device.type != "cuda":
         return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 4 * _sm_counts[index]
+    return 4 * sm_count(device)
 
 
 class _Plan:
@@ -327,11 +311,11 @@ class _Plan:
         inner, inner_stride, col_stride = sizes[3], lead_strides[3], lead_strides[4]
         column_major = inner > 1 and inner_stride == 1 and col_stride != 1
         if column_major:  # rows side by side in memory: a tall tile so that loads coalesce across rows
-            self.block_m = min(_next_pow2(inner), 64)
-            self.block_n = min(_next_pow2(n), max(16, TILE_ELEMENTS // self.block_m))
+            self.block_m = min(next_power_of_2(inner), 64)
+            self.block_n = min(next_power_of_2(n), max(16, TILE_ELEMENTS // self.block_m))
         elif n <= MAX_FUSED_N:
-            self.block_n = _next_pow2(n)
-            self.block_m = min(_next_pow2(inner), max(1, TILE_ELEMENTS // self.block_n))
+            self.block_n = next_power_of_2(n)
+            self.block_m = min(next_power_of_2(inner), max(1, TILE_ELEMENTS // self.block_n))
         else:
             self.block_n, self.block_m = LONG_BLOCK_N, 1
         self.single = self.block_n >= n
@@ -346,7 +330,7 @@ class _Plan:
         self.grid = (row_programs * self.splits,)
         self.n_rows = n_outer * inner
         # streamed tiles keep int64 addresses of three tensors live across the loop: fewer elements per thread
-        self.num_warps = _num_warps(self.block_m * self.block_n, 16 if self.single else 8)
+        self.num_warps = num_warps(self.block_m * self.block_n, 16 if self.single else 8, MAX_WARPS)
 
 
 def _wide_cols(n: int, strides) -> bool:
@@ -391,7 +375,7 @@ def _launch_forward(x, mask, y, scale: float, is_causal: bool, log: bool) -> Non
     wrap_triton(_softmax_fwd_partials)[plan.grid](x, mask_arg, row_max, row_sum, *split_args, *sx, *sm, **common)
     wrap_triton(_softmax_fwd_finish)[plan.grid](
         x, mask_arg, y, row_max, row_sum, *split_args, *sx, *sm, *sy,
-        LOG=log, BLOCK_S=_next_pow2(plan.splits), **common,
+        LOG=log, BLOCK_S=next_power_of_2(plan.splits), **common,
     )
 
 
@@ -416,7 +400,7 @@ def _launch_backward(dy, y, dx, scale: float, log: bool) -> None:
     split_args = (n, S1, S2, S3, plan.n_inner_blocks, plan.splits, plan.seg_len)
     wrap_triton(_softmax_bwd_partials)[plan.grid](y, dy, totals, *split_args, *sy, *sg, **common)
     wrap_triton(_softmax_bwd_finish)[plan.grid](
-        y, dy, dx, totals, *split_args, scale, *sy, *sg, *sd, BLOCK_S=_next_pow2(plan.splits), **common
+        y, dy, dx, totals, *split_args, scale, *sy, *sg, *sd, BLOCK_S=next_power_of_2(plan.splits), **common
     )
 
 
