@@ -54,8 +54,12 @@ SASS_ARGS ?=
 check-sass: deps
 	$(PYTHON) -m benchmarks.check_sass --jobs $(CHECK_JOBS) $(SASS_ARGS)
 
+# Then the host overhead per call of every public function and module against torch's op (tiny
+# inputs, one thread; issue 17's target is +25 us), and its README table.
 bench: build
 	$(PYTHON) -m benchmarks.run $(BENCH_ARGS)
+	$(PYTHON) -m benchmarks.bench_overhead
+	$(PYTHON) -m benchmarks.bench_overhead --readme
 
 # The prepared check for a lent GPU: one call (timeout 570 s), everything that matters in OUT (at most
 # 8 files): environment and ceilings, build, GPU tests, compute-sanitizer, key benchmarks, summary.md.
