@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,26 @@ def test_added_host_time_over_torch_is_within_twice_the_target(tmp_path):
             break
     over = {case: round(v, 1) for case, v in best.items() if v > LIMIT_US}
     assert not over, f"added host us per call over torch's op, above {LIMIT_US:g}: {over} (all: {best})"
+
+
+def test_cuda_host_timing_synchronizes_outside_short_samples(monkeypatch):
+    """The CUDA path (exercised here with a stand-in synchronize): every sample starts after a
+    synchronize, and no sample queues more than 200 calls."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("sync"))
+    fns = [lambda: events.append("a"), lambda: events.append("b")]
+    timings = bench_overhead._cuda_host_time_interleaved(fns, time.thread_time)
+    assert len(timings) == 2 and all(t["time_ms"] > 0 for t in timings)
+    assert all(1 <= t["calls_per_sample"] <= bench_overhead.CUDA_MAX_CALLS_PER_SAMPLE for t in timings)
+    runs, run = [], []
+    for event in events:
+        if event == "sync":
+            if run:
+                runs.append(run)
+            run = []
+        else:
+            run.append(event)
+    assert run == [] and runs  # ends synchronized
+    samples = runs[len(fns):]  # after the per-call estimates of 10 calls each
+    assert all(len(set(r)) == 1 and len(r) <= bench_overhead.CUDA_MAX_CALLS_PER_SAMPLE for r in samples)
+    assert {r[0] for r in samples} == {"a", "b"}
