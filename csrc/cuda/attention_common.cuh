@@ -95,11 +95,14 @@ __device__ __forceinline__ float masked_score_log2(float dot, const AttentionSha
   return x;
 }
 
-// Dropout multiplier of element (b, h, i, j): 0 or 1/(1 - p). Same draw in forward and backward.
+// Dropout multiplier of element (b, h, i, j): 0 or 1/(1 - p). Same draw in forward and backward:
+// Philox stream b·Hq + h, row i, column j (csrc/dropout_rng.h).
 __device__ __forceinline__ float dropout_scale(const AttentionShape& sh, int b, int h, int i, int j) {
-  const uint64_t offset =
-      ((static_cast<uint64_t>(b) * sh.heads_q + h) * static_cast<uint64_t>(sh.len_q) + i) * sh.len_k + j;
-  return dropout_bits(dropout_key_of(sh.dropout), offset) >= sh.dropout.threshold ? sh.dropout.scale : 0.f;
+  const uint32_t stream = static_cast<uint32_t>(b) * static_cast<uint32_t>(sh.heads_q) + static_cast<uint32_t>(h);
+  return dropout_bits(dropout_seed_of(sh.dropout), stream, static_cast<uint32_t>(i), static_cast<uint32_t>(j)) >=
+                 sh.dropout.threshold
+             ? sh.dropout.scale
+             : 0.f;
 }
 
 }  // namespace cuda
