@@ -77,7 +77,8 @@ FASTATTN_HOST_DEVICE uint32_t philox_lane(const Philox4& r, uint32_t lane) {
 // The draw of one element (s, row, col): a full Philox call; kernels that walk a row use
 // dropout_bits4 once per 4 columns instead.
 FASTATTN_HOST_DEVICE uint32_t dropout_bits(uint64_t seed, uint32_t stream, uint32_t row, uint64_t col) {
-  return philox_lane(dropout_bits4(seed, stream, row, static_cast<uint32_t>(col >> 2)), static_cast<uint32_t>(col & 3u));
+  const Philox4 r = dropout_bits4(seed, stream, row, static_cast<uint32_t>(col >> 2));
+  return philox_lane(r, static_cast<uint32_t>(col & 3u));
 }
 
 // Calls fn(c, kept) for the columns col0 + c, c in [0, n), of row `row` of stream `stream`, kept
@@ -88,7 +89,9 @@ FASTATTN_HOST_DEVICE void dropout_row_keep(uint64_t seed, uint32_t threshold, ui
   for (int64_t c = 0; c < n;) {
     const int64_t j = col0 + c;
     const Philox4 r = dropout_bits4(seed, stream, row, static_cast<uint32_t>(j >> 2));
-    for (uint32_t lane = static_cast<uint32_t>(j & 3); lane < 4u && c < n; ++lane, ++c) fn(c, philox_lane(r, lane) >= threshold);
+    for (uint32_t lane = static_cast<uint32_t>(j & 3); lane < 4u && c < n; ++lane, ++c) {
+      fn(c, philox_lane(r, lane) >= threshold);
+    }
   }
 }
 

@@ -13,8 +13,9 @@ What the autograd saves:
 - feed_forward: x, the weights and h = x·w1ᵀ (before bias and activation); the activation
   act(h + b1) is recomputed in the backward by the fused epilogue instead of being kept alive.
 
-``dropout_mask(shape, p, seed, device)`` returns the keep mask the kernels draw (csrc/dropout_rng.h),
-so that tests can reproduce a kernel's dropout exactly with the reference implementation.
+``dropout_mask(shape, p, seed, device)`` returns the keep mask the kernels draw (csrc/dropout_rng.h:
+Philox 4x32-10, the one scheme of every backend, so Triton and the reference drop the same
+elements), so that tests can reproduce a kernel's dropout exactly with the reference implementation.
 
 The dropout seed is a one-element int64 tensor on the inputs' device (None without dropout; see
 functional._dropout_seed); the autograd saves it with the tensors, so the backward draws the

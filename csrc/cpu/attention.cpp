@@ -6,7 +6,7 @@
 // v (B, Hkv, Nk, Dv), any strides, query head h reads key/value head h / (Hq / Hkv); top-left causal
 // (query i sees keys j <= i); mask a (B, Hq, Nq, Nk) view read through its strides (stride 0 where
 // broadcast), bool (true = attend) or floating (added to the scaled scores); dropout on the weights
-// with the Philox RNG of dropout_rng.h (stream b·Hq + h, row i, col j). lse is float32, +inf for a fully masked row (whose
+// with the Philox RNG of dropout_rng.h (stream b·Hq + h, row i, column j). lse is float32, +inf for a fully masked row (whose
 // output and gradients are 0). Inputs in bfloat16/float16 are computed in float32.
 #include <torch/library.h>
 
@@ -184,7 +184,9 @@ void forward_block(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t b
       row_l[r] = row_l[r] * correction + exp_shift_sum(s, cols, m_new);
       row_m[r] = m_new;
       if (correction != 1.f) scale_row(acc + r * p.dim_v, p.dim_v, correction);
-      if (p.dropout.active) p.dropout.for_each_factor(b * p.heads_q + h, i, j0, cols, [s](int64_t c, float f) { s[c] *= f; });
+      if (p.dropout.active) {
+        p.dropout.for_each_factor(b * p.heads_q + h, i, j0, cols, [s](int64_t c, float f) { s[c] *= f; });
+      }
     }
     gemm(false, false, rows, p.dim_v, cols, 1.f, scores, kFwdBlockK, p.v_rows(b, h, j0), p.v_sn, 1.f, acc, p.dim_v);
   }

@@ -115,8 +115,8 @@ inline float load_float<bool>(const bool* p) {
 
 // The dropout counters address streams and rows below 2^32 and columns below 2^34 (dropout_rng.h).
 inline void check_dropout_extent(int64_t streams, int64_t rows, int64_t cols, const char* what) {
-  TORCH_CHECK_VALUE(static_cast<uint64_t>(streams) <= kDropoutMaxRows && static_cast<uint64_t>(rows) <= kDropoutMaxRows &&
-                        static_cast<uint64_t>(cols) <= kDropoutMaxCols,
+  TORCH_CHECK_VALUE(static_cast<uint64_t>(streams) <= kDropoutMaxRows &&
+                        static_cast<uint64_t>(rows) <= kDropoutMaxRows && static_cast<uint64_t>(cols) <= kDropoutMaxCols,
                     "fastattn ", what, ": dropout addresses at most 2^32 streams and rows and 2^34 columns, got (",
                     streams, ", ", rows, ", ", cols, ")");
 }

@@ -105,5 +105,20 @@ __device__ __forceinline__ float dropout_scale(const AttentionShape& sh, int b, 
              : 0.f;
 }
 
+// The multipliers of the adjacent elements (b, h, i, j) and (b, h, i, j + 1), j even: one Philox
+// call, as both lie in the quad j / 4 (the two columns of a thread's mma C fragment).
+struct DropoutPair {
+  float x, y;  // the multipliers of columns j and j + 1
+};
+__device__ __forceinline__ DropoutPair dropout_scale_pair(const AttentionShape& sh, int b, int h, int i, int j) {
+  const uint32_t stream = static_cast<uint32_t>(b) * static_cast<uint32_t>(sh.heads_q) + static_cast<uint32_t>(h);
+  const Philox4 r =
+      dropout_bits4(dropout_seed_of(sh.dropout), stream, static_cast<uint32_t>(i), static_cast<uint32_t>(j) >> 2);
+  const bool upper = (j & 2) != 0;
+  const uint32_t w0 = upper ? r.x2 : r.x0, w1 = upper ? r.x3 : r.x1;
+  const float kept = sh.dropout.scale;
+  return {w0 >= sh.dropout.threshold ? kept : 0.f, w1 >= sh.dropout.threshold ? kept : 0.f};
+}
+
 }  // namespace cuda
 }  // namespace fastattn
