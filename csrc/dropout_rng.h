@@ -82,16 +82,27 @@ FASTATTN_HOST_DEVICE uint32_t dropout_bits(uint64_t seed, uint32_t stream, uint3
 }
 
 // Calls fn(c, kept) for the columns col0 + c, c in [0, n), of row `row` of stream `stream`, kept
-// being draw >= threshold: one Philox call per 4 columns (the row walk of the CPU kernels).
+// being draw >= threshold: one Philox call per 4 columns (the CPU kernels' row walk).
 template <typename Fn>
 FASTATTN_HOST_DEVICE void dropout_row_keep(uint64_t seed, uint32_t threshold, uint32_t stream, uint32_t row,
                                            int64_t col0, int64_t n, Fn&& fn) {
-  for (int64_t c = 0; c < n;) {
-    const int64_t j = col0 + c;
-    const Philox4 r = dropout_bits4(seed, stream, row, static_cast<uint32_t>(j >> 2));
-    for (uint32_t lane = static_cast<uint32_t>(j & 3); lane < 4u && c < n; ++lane, ++c) {
+  int64_t c = 0;
+  if ((col0 & 3) != 0 && n > 0) {  // the rest of a quad begun before col0
+    const Philox4 r = dropout_bits4(seed, stream, row, static_cast<uint32_t>(col0 >> 2));
+    for (uint32_t lane = static_cast<uint32_t>(col0 & 3); lane < 4u && c < n; ++lane, ++c) {
       fn(c, philox_lane(r, lane) >= threshold);
     }
+  }
+  for (; c + 4 <= n; c += 4) {  // whole quads: the 4 words in order
+    const Philox4 r = dropout_bits4(seed, stream, row, static_cast<uint32_t>((col0 + c) >> 2));
+    fn(c, r.x0 >= threshold);
+    fn(c + 1, r.x1 >= threshold);
+    fn(c + 2, r.x2 >= threshold);
+    fn(c + 3, r.x3 >= threshold);
+  }
+  if (c < n) {  // a quad cut by the end
+    const Philox4 r = dropout_bits4(seed, stream, row, static_cast<uint32_t>((col0 + c) >> 2));
+    for (uint32_t lane = 0; c < n; ++lane, ++c) fn(c, philox_lane(r, lane) >= threshold);
   }
 }
 
