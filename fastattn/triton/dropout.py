@@ -29,7 +29,7 @@ _MAX_THRESHOLD = 4294967040.0
 def dropout_threshold(dropout_p):
     """The uint32 threshold of dropout_p: draws below it are dropped. Exact in float32 (a power-of-
     two scale of float32(p), then its ceiling), as dropout_rng.h computes it on the host."""
-    t = tl.ceil(tl.to_tensor(dropout_p).to(tl.float32) * 4294967296.0)
+    t = tl.ceil(tl.cast(dropout_p, tl.float32) * 4294967296.0)
     return tl.minimum(t, _MAX_THRESHOLD).to(tl.uint32)
 
 
@@ -42,7 +42,7 @@ def element_keep(seed, stream, rows, cols, dropout_p):
     rows_full = (rows + cols * 0).to(tl.uint32, bitcast=True)
     quad = (cols_full >> 2).to(tl.uint32, bitcast=True)
     zero = quad * 0
-    r0, r1, r2, r3 = tl.philox(seed, quad, rows_full, zero + tl.to_tensor(stream).to(tl.uint32, bitcast=True), zero)
+    r0, r1, r2, r3 = tl.philox(seed, quad, rows_full, zero + tl.cast(stream, tl.uint32, bitcast=True), zero)
     lane = cols_full & 3
     bits = tl.where(lane < 2, tl.where(lane == 0, r0, r1), tl.where(lane == 2, r2, r3))
     return bits >= dropout_threshold(dropout_p)
@@ -56,7 +56,7 @@ def quad_keep(seed, stream, rows, first_quad, dropout_p, N_QUADS: tl.constexpr):
     c0 = quads.to(tl.uint32, bitcast=True)
     c1 = (rows[:, None] + quads * 0).to(tl.uint32, bitcast=True)
     zero = c0 * 0
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero + tl.to_tensor(stream).to(tl.uint32, bitcast=True), zero)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero + tl.cast(stream, tl.uint32, bitcast=True), zero)
     # join(join(r0, r2), join(r1, r3)) is (rows, quads, 2, 2) with [.., a, b] = r(2a + b): row-major
     # reshape puts lane k of quad q at column 4q + k
     draws = tl.join(tl.join(r0, r2), tl.join(r1, r3)).reshape(rows.shape[0], 4 * N_QUADS)
