@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 # 2^32 - 256: the largest float32 below 2^32, the threshold's cap (so that it fits a uint32)
-_MAX_THRESHOLD = 4294967040.0
+_MAX_THRESHOLD = tl.constexpr(4294967040.0)
 
 
 @triton.jit
