@@ -28,9 +28,9 @@ TORCH_LIBRARY(fastattn, m) {
       "float scale, bool is_causal, float dropout_p, Tensor? seed) -> (Tensor dq, Tensor dk, Tensor dv)");
 
   // The dropout keep mask (bool, true = kept) the kernels draw for `seed` and probability p, for a
-  // tensor of like's shape (only its shape is read): element offsets are linear indices in that
-  // shape, (B, Hq, Nq, Nk) for attention and (M, hidden) for the FFN. The RNG is csrc/dropout_rng.h;
-  // tests use this op to reproduce a kernel's dropout exactly.
+  // tensor of like's shape (only its shape is read), read as (streams, rows, cols): (B, Hq, Nq, Nk)
+  // for attention and (M, hidden) for the FFN. The RNG is csrc/dropout_rng.h (Philox 4x32-10, the
+  // one of every backend); tests use this op to reproduce a kernel's dropout exactly.
   m.def("dropout_mask(Tensor like, float p, Tensor seed) -> Tensor");
 
   // Softmax along the last dim of x (..., N), any strides. mask: None or a view of x's shape.

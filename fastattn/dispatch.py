@@ -49,6 +49,9 @@ class BackendError(RuntimeError):
 
 
 _local = threading.local()
+# FASTATTN_BACKEND as select() reads it per call: the environment's own dict where os.environ keeps
+# one (POSIX: bytes -> bytes, updated by os.environ[...] = ... and putenv through it), else os.environ.
+_environ, _ENV_KEY = (os.environ._data, b"FASTATTN_BACKEND") if isinstance(getattr(os.environ, "_data", None), dict) and os.name == "posix" else (os.environ, "FASTATTN_BACKEND")
 _lock = threading.RLock()
 _providers: dict[str, dict] = {}  # backend -> family -> provider
 _modules: dict[str, object] = {}  # backend -> its module
@@ -173,12 +176,12 @@ def _choose(family: str, forced: str | None, call) -> tuple[str, object] | str:
 
 def select(family: str, call) -> tuple[str, object]:
     """The backend name and provider that will run ``family`` for a call with these facts."""
-    forced = forced_backend()
-    key = (family, forced, call)
-    choice = _choices.get(key)
-    if choice is None:
-        choice = _choices[key] = _choose(family, forced, call)
-    if isinstance(choice, str):
+    stack = getattr(_local, "stack", None)
+    named = stack[-1] if stack else _environ.get(_ENV_KEY)  # the name forced_backend() validates
+    choice = _choices.get((family, named, call))
+    if choice is None:  # first call with these facts: validate the name, choose, remember
+        choice = _choices[(family, named, call)] = _choose(family, forced_backend(), call)
+    if choice.__class__ is str:
         raise BackendError(choice)
     return choice
 

@@ -7,8 +7,9 @@ The same Python serves both backends: only the device of the tensors (and so the
 dispatcher picks) differs. The autograd, and what it saves, is the family's, the same on every
 backend: the FFN's backward recomputes h = x·w1ᵀ and the activation (only x is kept).
 
-``dropout_mask(shape, p, seed, device)`` returns the keep mask the kernels draw (csrc/dropout_rng.h),
-so that tests can reproduce a kernel's dropout exactly with the reference implementation.
+``dropout_mask(shape, p, seed, device)`` returns the keep mask the kernels draw (csrc/dropout_rng.h:
+Philox 4x32-10, the one scheme of every backend, so Triton and the reference drop the same
+elements), so that tests can reproduce a kernel's dropout exactly with the reference implementation.
 
 The dropout seed is a one-element int64 tensor on the inputs' device (None without dropout; see
 functional._dropout_seed); the autograd saves it with the tensors, so the backward draws the

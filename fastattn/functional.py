@@ -13,8 +13,8 @@ import torch
 from fastattn import dispatch, reference
 from fastattn.errors import ArgumentError, ArgumentTypeError
 from fastattn.ops import attention as attention_op
+from fastattn.ops import device_type_of, norms
 from fastattn.ops import feed_forward as feed_forward_op
-from fastattn.ops import norms
 from fastattn.ops import softmax as softmax_op
 from fastattn.ops.attention import AttentionParams
 from fastattn.ops.feed_forward import FeedForwardParams
@@ -239,59 +239,71 @@ def scaled_dot_product_attention(
         _check_tensor(name, t, ndim_min=2)
     _check_like("key", key, "query", query)
     _check_like("value", value, "query", query)
-    if not (query.dim() == key.dim() == value.dim()):
+    ndim = query.dim()
+    if not (ndim == key.dim() == value.dim()):
         raise ArgumentError(
             f"query, key and value must have the same number of dims, got {query.dim()}, {key.dim()}, {value.dim()}"
         )
-    if query.dim() == 2:  # (N, D): one head, no batch
+    if ndim == 2:  # (N, D): one head, no batch
         out = scaled_dot_product_attention(
             query[None], key[None], value[None], attn_mask, dropout_p, is_causal, scale, enable_gqa
         )
         return out[0]
-    batch, (h_q, n_q, d) = query.shape[:-3], query.shape[-3:]
-    h_kv, n_k = key.shape[-3], key.shape[-2]
-    if key.shape[:-3] != batch or value.shape[:-3] != batch:
+    q_shape, k_shape, v_shape = query.shape, key.shape, value.shape
+    batch, (h_q, n_q, d) = q_shape[:-3], q_shape[-3:]
+    h_kv, n_k, d_v = k_shape[-3], k_shape[-2], v_shape[-1]
+    if k_shape[:-3] != batch or v_shape[:-3] != batch:
         raise ArgumentError(
-            f"batch dims differ: query {tuple(batch)}, key {tuple(key.shape[:-3])}, value {tuple(value.shape[:-3])}"
+            f"batch dims differ: query {tuple(batch)}, key {tuple(k_shape[:-3])}, value {tuple(v_shape[:-3])}"
         )
-    if key.size(-1) != d:
-        raise ArgumentError(f"key head dim {key.size(-1)} must equal query head dim {d}")
-    if value.shape[-3:-1] != key.shape[-3:-1]:
+    if k_shape[-1] != d:
+        raise ArgumentError(f"key head dim {k_shape[-1]} must equal query head dim {d}")
+    if v_shape[-3:-1] != k_shape[-3:-1]:
         raise ArgumentError(
-            f"value (heads, length) {tuple(value.shape[-3:-1])} must equal key's {tuple(key.shape[-3:-1])}"
+            f"value (heads, length) {tuple(v_shape[-3:-1])} must equal key's {tuple(k_shape[-3:-1])}"
         )
     if h_kv != h_q:
         if not enable_gqa:
             raise ArgumentError(f"query has {h_q} heads but key/value {h_kv}; pass enable_gqa=True for GQA/MQA")
         if h_kv == 0 or h_q % h_kv != 0:
             raise ArgumentError(f"query heads ({h_q}) must be a multiple of key/value heads ({h_kv}) for GQA")
-    dropout_p = _check_dropout(dropout_p)
-    attn_mask, is_causal = _resolve_attn_mask("attn_mask", attn_mask, is_causal, n_q, n_k, query.device)
-    if scale is not None and not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if dropout_p.__class__ is not float or not 0.0 <= dropout_p < 1.0:  # the check, past the usual 0.0
+        dropout_p = _check_dropout(dropout_p)
+    device = query.device
+    if attn_mask is not None:
+        attn_mask, is_causal = _resolve_attn_mask("attn_mask", attn_mask, is_causal, n_q, n_k, device)
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
+    elif not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     scale = float(scale)
-    out_shape = (*batch, h_q, n_q, value.size(-1))
     if attn_mask is not None:
-        _check_mask("attn_mask", attn_mask, (*batch, h_q, n_q, n_k), query.device)
+        _check_mask("attn_mask", attn_mask, (*batch, h_q, n_q, n_k), device)
 
-    query, key, value = _autocast(query.device.type, query, key, value)
-    if d == 0 and query.size(-2) > 0 and n_k > 0 and value.numel() > 0:
+    if torch.is_autocast_enabled(device.type):
+        query, key, value = _autocast(device.type, query, key, value)
+    if d == 0 and n_q > 0 and n_k > 0 and value.numel() > 0:
+        out_shape = (*batch, h_q, n_q, d_v)
         return _attention_head_dim_0(query, key, value, attn_mask, dropout_p, is_causal, scale, out_shape)
     if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
         # Nq = 0 or B = 0: nothing to compute; Nk = 0: every row is fully masked, so zeros.
-        return _empty_like_graph(out_shape, query, query, key, value)
+        return _empty_like_graph((*batch, h_q, n_q, d_v), query, query, key, value)
 
-    b = math.prod(batch)
-    q = query.reshape(b, h_q, n_q, d)
-    k = key.reshape(b, h_kv, n_k, d)
-    v = value.reshape(b, h_kv, n_k, value.size(-1))
+    if ndim == 4:  # (B, H, N, D) already: no reshapes
+        q, k, v, b = query, key, value, q_shape[0]
+    else:
+        b = math.prod(batch)
+        q = query.reshape(b, h_q, n_q, d)
+        k = key.reshape(b, h_kv, n_k, d)
+        v = value.reshape(b, h_kv, n_k, d_v)
     mask = None
     if attn_mask is not None:
-        mask = attn_mask.expand(*batch, h_q, n_q, n_k).reshape(b, h_q, n_q, n_k)
-    params = AttentionParams(scale, bool(is_causal), dropout_p, mask, _dropout_seed(dropout_p, q.device))
-    return attention_op.attention(params, q, k, v).reshape(out_shape)
+        mask = attn_mask.expand(*batch, h_q, n_q, n_k)
+        if ndim != 4:
+            mask = mask.reshape(b, h_q, n_q, n_k)
+    seed = _dropout_seed(dropout_p, device) if dropout_p else None
+    out = attention_op.attention(AttentionParams(scale, bool(is_causal), dropout_p, mask, seed), q, k, v)
+    return out if ndim == 4 else out.reshape(*batch, h_q, n_q, d_v)
 
 
 def _attention_head_dim_0(query, key, value, attn_mask, dropout_p, is_causal, scale, out_shape):
@@ -316,23 +328,27 @@ def _attention_head_dim_0(query, key, value, attn_mask, dropout_p, is_causal, sc
 
 def _softmax(x, dim, scale, mask, is_causal, log):
     _check_tensor("x", x, ndim_min=0)
-    if not isinstance(dim, int) or not -max(x.dim(), 1) <= dim < max(x.dim(), 1):
-        raise DimError(f"dim {dim!r} is out of range for x with {x.dim()} dims")
+    ndim = x.dim()
+    if dim.__class__ is not int or not -max(ndim, 1) <= dim < max(ndim, 1):
+        if not isinstance(dim, int) or not -max(ndim, 1) <= dim < max(ndim, 1):
+            raise DimError(f"dim {dim!r} is out of range for x with {ndim} dims")
     if scale is not None and not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if is_causal and x.dim() < 2:
+    if is_causal and ndim < 2:
         raise ValueError(f"is_causal needs x with at least 2 dims, got shape {tuple(x.shape)}")
     if mask is not None:
         _check_mask("mask", mask, x.shape, x.device)
-    if x.dim() == 0:
+    if ndim == 0:
         return _softmax(x[None], 0, scale, None if mask is None else mask[None], False, log)[0]
-    out_dtype = _autocast_out_dtype(x)
-    if torch.is_autocast_enabled(x.device.type):  # autocast runs softmax in float32, as torch's
+    out_dtype = None
+    device_type = device_type_of(x)
+    if torch.is_autocast_enabled(device_type):  # autocast runs softmax in float32, as torch's
+        out_dtype = _autocast_out_dtype(x)
         x = x.float()
-    dim = dim % x.dim()
+    dim = dim % ndim
     if x.numel() == 0:
         return reference.softmax(x, dim, scale, mask, is_causal, log).to(out_dtype or x.dtype)
-    last = dim == x.dim() - 1
+    last = dim == ndim - 1
     if is_causal and not last:  # the kernels' causal mask runs along rows; build it otherwise
         causal = reference.causal_mask(x.size(-2), x.size(-1), x.device)
         if mask is None:

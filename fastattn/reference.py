@@ -11,6 +11,7 @@ The bottom of the file maps them to the dispatch's canonical op arguments (backe
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import torch.nn.functional as F
@@ -173,31 +174,58 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, residual=None):
 # --------------------------------------------------------------------------------------------
 
 
-def _as_int64(c: int) -> int:
-    """A 64-bit constant as the signed int64 torch stores (multiplication wraps the same way)."""
-    return c - (1 << 64) if c >= (1 << 63) else c
+_MASK32 = 0xFFFFFFFF
 
 
-def _shift_right(z: torch.Tensor, n: int) -> torch.Tensor:
-    """Logical (unsigned) shift right of int64 values."""
-    return (z >> n) & ((1 << (64 - n)) - 1)
+def dropout_threshold(dropout_p: float) -> int:
+    """csrc/dropout_rng.h's threshold: draws (uint32) below it are dropped. min(ceil(f·2^32),
+    2^32 - 256) with f = dropout_p rounded to float32, as every backend computes it (exact)."""
+    f = struct.unpack("<f", struct.pack("<f", float(dropout_p)))[0]
+    return min(math.ceil(f * 4294967296.0), 4294967296 - 256)
 
 
-def _mix64(z: torch.Tensor) -> torch.Tensor:
-    z = (z ^ _shift_right(z, 30)) * _as_int64(0xBF58476D1CE4E5B9)
-    z = (z ^ _shift_right(z, 27)) * _as_int64(0x94D049BB133111EB)
-    return z ^ _shift_right(z, 31)
+def _mulhilo32(a: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of a·x, a a uint32 constant, x uint32 values held in int64: a is
+    split into 16-bit halves so that no int64 product overflows."""
+    p_lo, p_hi = x * (a & 0xFFFF), x * (a >> 16)  # a·x = p_hi·2^16 + p_lo, both < 2^48
+    return (p_hi + (p_lo >> 16)) >> 16, (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
+
+
+def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox 4x32-10 on uint32 values held in int64 tensors (broadcasting)."""
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(0xD2511F53, c0)
+        hi1, lo1 = _mulhilo32(0xCD9E8D57, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+    return c0, c1, c2, c3
 
 
 def dropout_keep(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
     """The keep mask (bool, True = kept) of csrc/dropout_rng.h for the seed tensor (one int64
-    element), element offsets being linear indices in ``shape``: the extension's kernels' mask,
-    computed with torch ops so that torch.compile keeps it in the graph (no .item()). The reference
-    backend uses it, so it drops the same elements as the cpu and cuda backends."""
-    key = _mix64(seed.reshape(()).to(torch.int64) ^ 0x5DEECE66D)
-    offsets = torch.arange(1, math.prod(shape) + 1, dtype=torch.int64, device=seed.device).reshape(shape)
-    bits = _shift_right(_mix64(key + offsets * _as_int64(0x9E3779B97F4A7C15)), 40)
-    return bits >= math.ceil(dropout_p * 16777216.0)
+    element) and ``shape``, read as (S, R, C) (last dim C, the one before R, S the product of the
+    others: (B, Hq, Nq, Nk) for attention, (M, hidden) for the FFN): element (s, r, c) takes output
+    c % 4 of Philox 4x32-10 at counter (c // 4, r, s, 0), key the seed's low and high words, and is
+    kept iff it is >= ``dropout_threshold(dropout_p)``. The extension's and the Triton kernels'
+    mask, computed with torch ops so that torch.compile keeps it in the graph (no .item()). The
+    reference backend uses it, so it drops the same elements as every other backend."""
+    shape = tuple(int(n) for n in shape)
+    if math.prod(shape) == 0:
+        return torch.zeros(shape, dtype=torch.bool, device=seed.device)
+    cols = shape[-1] if len(shape) >= 1 else 1
+    rows = shape[-2] if len(shape) >= 2 else 1
+    streams = math.prod(shape[:-2])
+    quads = (cols + 3) // 4
+
+    def index(n, view):
+        return torch.arange(n, dtype=torch.int64, device=seed.device).view(view)
+
+    key = seed.reshape(()).to(torch.int64)
+    c0 = index(quads, (1, 1, quads)).expand(streams, rows, quads)
+    c1, c2 = index(rows, (1, rows, 1)), index(streams, (streams, 1, 1))
+    draws = _philox4x32_10(c0, c1, c2, torch.zeros_like(c0), key & _MASK32, (key >> 32) & _MASK32)
+    bits = torch.stack(draws, dim=-1).reshape(streams, rows, 4 * quads)[..., :cols].reshape(shape)
+    return bits >= dropout_threshold(dropout_p)
 
 
 class _Provider:

@@ -7,6 +7,7 @@ of a few units in the last place of the output's dtype at the oracle's magnitude
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -66,3 +67,49 @@ def gpu_time_ms(fn, reps=20):
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
+
+
+# --------------------------------------------------------------------------------------------
+# the dropout RNG's oracle: Philox 4x32-10 from the published algorithm (Salmon et al., SC'11),
+# in NumPy, written apart from the kernels; checked against Random123's known-answer vectors in
+# tests/test_dropout_rng.py
+# --------------------------------------------------------------------------------------------
+
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments (golden ratio, sqrt(3) - 1)
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox 4x32 with 10 rounds on uint32 arrays (broadcasting); returns the 4 output words."""
+    import numpy as np
+
+    u32, u64 = np.uint32, np.uint64
+    c = [np.asarray(x, dtype=u64) & u64(0xFFFFFFFF) for x in (c0, c1, c2, c3)]
+    k = [u64(int(k0) & 0xFFFFFFFF), u64(int(k1) & 0xFFFFFFFF)]
+    for _ in range(10):
+        prod0 = u64(_PHILOX_M0) * c[0]  # exact: both factors < 2^32
+        prod1 = u64(_PHILOX_M1) * c[2]
+        hi0, lo0 = prod0 >> u64(32), prod0 & u64(0xFFFFFFFF)
+        hi1, lo1 = prod1 >> u64(32), prod1 & u64(0xFFFFFFFF)
+        c = [hi1 ^ c[1] ^ k[0], lo1, hi0 ^ c[3] ^ k[1], lo0]
+        k = [(k[0] + u64(_PHILOX_W0)) & u64(0xFFFFFFFF), (k[1] + u64(_PHILOX_W1)) & u64(0xFFFFFFFF)]
+    return [x.astype(u32) for x in c]
+
+
+def dropout_keep_oracle(seed: int, shape, p: float) -> torch.Tensor:
+    """The documented dropout scheme (csrc/dropout_rng.h) computed from the oracle: shape read as
+    (S, R, C); element (s, r, c) takes word c % 4 of philox(counter (c // 4, r, s, 0), key (seed lo,
+    seed hi)) and is kept iff word >= min(ceil(float32(p) * 2^32), 2^32 - 256)."""
+    import numpy as np
+
+    shape = tuple(shape)
+    cols = shape[-1] if len(shape) >= 1 else 1
+    rows = shape[-2] if len(shape) >= 2 else 1
+    streams = int(np.prod(shape[:-2], dtype=np.int64))
+    s, r, c = np.meshgrid(np.arange(streams), np.arange(rows), np.arange(cols), indexing="ij")
+    seed64 = int(seed) & (2**64 - 1)
+    words = philox4x32_10(c // 4, r, s, np.zeros_like(c), seed64 & 0xFFFFFFFF, seed64 >> 32)
+    lane = c % 4
+    bits = np.choose(lane, words)
+    threshold = min(math.ceil(float(np.float32(p)) * 2.0**32), 2**32 - 256)
+    return torch.from_numpy(bits.astype(np.int64) >= threshold).reshape(shape)

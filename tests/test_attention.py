@@ -681,7 +681,8 @@ def test_compile_fullgraph_dropout_triton():
 
 
 def test_reference_and_cpu_drop_the_same_weights():
-    """Both draw csrc/dropout_rng.h's mask from the seed tensor: same torch.manual_seed, same output."""
+    """Both draw csrc/dropout_rng.h's Philox mask from the seed tensor: same torch.manual_seed, same
+    output."""
     q, k, v = _qkv(2, 2, 2, 19, 23, 16)
     outs = []
     for backend in ("reference", "cpu"):

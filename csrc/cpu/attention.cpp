@@ -6,7 +6,7 @@
 // v (B, Hkv, Nk, Dv), any strides, query head h reads key/value head h / (Hq / Hkv); top-left causal
 // (query i sees keys j <= i); mask a (B, Hq, Nq, Nk) view read through its strides (stride 0 where
 // broadcast), bool (true = attend) or floating (added to the scaled scores); dropout on the weights
-// with the counter-based RNG of dropout_rng.h. lse is float32, +inf for a fully masked row (whose
+// with the Philox RNG of dropout_rng.h (stream b·Hq + h, row i, column j). lse is float32, +inf for a fully masked row (whose
 // output and gradients are 0). Inputs in bfloat16/float16 are computed in float32.
 #include <torch/library.h>
 
@@ -79,18 +79,28 @@ struct MaskReader {
 
 struct Dropout {
   bool active = false;
-  uint64_t key = 0;
+  uint64_t seed = 0;
   uint32_t threshold = 0;
   float keep_scale = 1.f;
 
-  Dropout(double p, int64_t seed) {
+  Dropout(double p, int64_t seed_) {
     active = p > 0.0;
-    key = dropout_key(static_cast<uint64_t>(seed));
+    seed = static_cast<uint64_t>(seed_);
     threshold = dropout_threshold(p);
     keep_scale = static_cast<float>(1.0 / (1.0 - p));
   }
-  // Factor of element `offset` of the (B, Hq, Nq, Nk) weights: 0 when dropped, 1 / (1 - p) when kept.
-  float factor(uint64_t offset) const { return dropout_bits(key, offset) >= threshold ? keep_scale : 0.f; }
+  // Calls fn(c, kept) for the columns j0 + c, c in [0, n), of row `row` of stream `stream` (b·Hq + h
+  // for the (B, Hq, Nq, Nk) weights). One Philox call per 4 columns (dropout_rng.h).
+  template <typename Fn>
+  void for_each_keep(int64_t stream, int64_t row, int64_t j0, int64_t n, Fn&& fn) const {
+    dropout_row_keep(seed, threshold, static_cast<uint32_t>(stream), static_cast<uint32_t>(row), j0, n, fn);
+  }
+  // The same with the factor: 0 when dropped, 1 / (1 - p) when kept.
+  template <typename Fn>
+  void for_each_factor(int64_t stream, int64_t row, int64_t j0, int64_t n, Fn&& fn) const {
+    const float kept_scale = keep_scale;
+    for_each_keep(stream, row, j0, n, [&fn, kept_scale](int64_t c, bool kept) { fn(c, kept ? kept_scale : 0.f); });
+  }
 };
 
 // Everything a tile loop needs, as raw float32 pointers and strides (in elements).
@@ -108,6 +118,7 @@ struct Problem {
       : mask(m), dropout(p, seed) {
     batch = q32.size(0), heads_q = q32.size(1), n_q = q32.size(2), dim = q32.size(3);
     heads_kv = k32.size(1), n_k = k32.size(2), dim_v = v32.size(3);
+    if (dropout.active) check_dropout_extent(batch * heads_q, n_q, n_k, "attention");
     group = heads_q / heads_kv;
     q = q32.const_data_ptr<float>(), k = k32.const_data_ptr<float>(), v = v32.const_data_ptr<float>();
     q_sb = q32.stride(0), q_sh = q32.stride(1), q_sn = q32.stride(2);
@@ -139,9 +150,6 @@ struct Problem {
     if (mask.present()) mask.apply(s, cols, b, h, i, j0);
   }
 
-  uint64_t dropout_offset(int64_t b, int64_t h, int64_t i, int64_t j) const {
-    return ((static_cast<uint64_t>(b) * heads_q + h) * n_q + i) * n_k + j;
-  }
 };
 
 // One query block of one (batch, head): online softmax over the key blocks.
@@ -177,8 +185,7 @@ void forward_block(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t b
       row_m[r] = m_new;
       if (correction != 1.f) scale_row(acc + r * p.dim_v, p.dim_v, correction);
       if (p.dropout.active) {
-        const uint64_t base = p.dropout_offset(b, h, i, j0);
-        for (int64_t c = 0; c < cols; ++c) s[c] *= p.dropout.factor(base + c);
+        p.dropout.for_each_factor(b * p.heads_q + h, i, j0, cols, [s](int64_t c, float f) { s[c] *= f; });
       }
     }
     gemm(false, false, rows, p.dim_v, cols, 1.f, scores, kFwdBlockK, p.v_rows(b, h, j0), p.v_sn, 1.f, acc, p.dim_v);
@@ -311,12 +318,10 @@ void backward_blocks(const Problem& p, const Grads& g, int64_t b, int64_t h, int
         exp_shift(s, cols, lse[i]);  // P = exp(S - lse), exactly the forward's weights
         if (p.dropout.active) {      // dV takes the dropped weights; dP flows only through kept ones
           float* pd = dropped + r * kBwdBlockK;
-          const uint64_t base = p.dropout_offset(b, h, i, j0);
-          for (int64_t c = 0; c < cols; ++c) {
-            const float f = p.dropout.factor(base + c);
+          p.dropout.for_each_factor(bh, i, j0, cols, [pd, s, ds](int64_t c, float f) {
             pd[c] = s[c] * f;
             ds[c] *= f;
-          }
+          });
         }
         softmax_grad_row(ds, s, cols, delta[i]);  // dS = P * (dP - rowsum(dO * O))
       }
@@ -396,15 +401,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
   return {dq, dk, dv};
 }
 
-// The keep mask of the dropout (true = kept) for a tensor of like's shape, element offsets being
-// linear indices in that shape: for attention like is (B, Hq, Nq, Nk), for the FFN (M, hidden).
+// The keep mask of the dropout (true = kept) for a tensor of like's shape, read as (S, R, C) as
+// dropout_rng.h says: for attention like is (B, Hq, Nq, Nk), for the FFN (M, hidden).
 at::Tensor dropout_mask(const at::Tensor& like, double p, const at::Tensor& seed) {
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "fastattn dropout_mask: p must be in [0, 1)");
   at::Tensor keep = at::empty(like.sizes(), like.options().dtype(at::kBool));
+  if (keep.numel() == 0) return keep;
+  const int64_t cols = like.dim() >= 1 ? like.size(-1) : 1, rows = like.dim() >= 2 ? like.size(-2) : 1;
+  const int64_t streams = keep.numel() / (rows * cols);
+  check_dropout_extent(streams, rows, cols, "dropout_mask");
   bool* data = keep.data_ptr<bool>();
   const Dropout d(p, read_seed(seed, p));
-  at::parallel_for(0, keep.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) data[i] = dropout_bits(d.key, static_cast<uint64_t>(i)) >= d.threshold;
+  at::parallel_for(0, streams * rows, std::max<int64_t>(1, (1 << 14) / cols), [&](int64_t begin, int64_t end) {
+    for (int64_t sr = begin; sr < end; ++sr) {
+      bool* out = data + sr * cols;
+      d.for_each_keep(sr / rows, sr % rows, 0, cols, [out](int64_t c, bool kept) { out[c] = kept; });
+    }
   });
   return keep;
 }

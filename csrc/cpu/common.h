@@ -113,6 +113,15 @@ inline float load_float<bool>(const bool* p) {
 }
 
 
+// The dropout counters address streams and rows below 2^32 and columns below 2^34 (dropout_rng.h).
+inline void check_dropout_extent(int64_t streams, int64_t rows, int64_t cols, const char* what) {
+  TORCH_CHECK_VALUE(static_cast<uint64_t>(streams) <= kDropoutMaxRows &&
+                        static_cast<uint64_t>(rows) <= kDropoutMaxRows && static_cast<uint64_t>(cols) <= kDropoutMaxCols,
+                    "fastattn ", what, ": dropout addresses at most 2^32 streams and rows and 2^34 columns, got (",
+                    streams, ", ", rows, ", ", cols, ")");
+}
+
+
 // The dropout seed of an op (schema: csrc/fastattn.cpp): a one-element int64 CPU tensor, read here
 // on the host; 0 (unused) when there is no dropout. Errors name the argument.
 inline int64_t read_seed(const c10::optional<at::Tensor>& seed, double dropout_p) {

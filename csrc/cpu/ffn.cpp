@@ -3,7 +3,7 @@
 //
 // h = x w1^T (M, H1), any strides. Plain activations: a = act(h + bias), (M, H1). Gated ones
 // (swiglu: silu, geglu: exact erf gelu, geglu_tanh: tanh-approximated gelu) split the columns, the gate's first: a = act(gate) * up,
-// (M, H1 / 2). Dropout keeps a[row, col] by the RNG of dropout_rng.h at offset row * hidden + col and
+// (M, H1 / 2). Dropout keeps a[row, col] by the Philox RNG of dropout_rng.h (stream 0, row, col) and
 // scales kept values by 1 / (1 - p). The backward returns d(h + bias), (M, H1), in h's dtype.
 #include <torch/library.h>
 
@@ -90,11 +90,11 @@ struct Epilogue {
   Act act;
   int64_t rows, width, hidden;  // width: columns of h; hidden: columns of a
   bool dropout;
-  uint64_t key;
+  uint64_t seed;
   uint32_t threshold;
   float keep_scale;
 
-  Epilogue(const at::Tensor& h, c10::string_view activation, double p, int64_t seed) {
+  Epilogue(const at::Tensor& h, c10::string_view activation, double p, int64_t seed_) {
     act = activation_arg(activation);
     rows = h.size(0), width = h.size(1);
     TORCH_CHECK_VALUE(!is_gated(act) || width % 2 == 0, "fastattn ffn: gated activation ", kActivationNames[static_cast<int>(act)],
@@ -102,15 +102,18 @@ struct Epilogue {
     hidden = is_gated(act) ? width / 2 : width;
     TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, "fastattn ffn: dropout_p must be in [0, 1)");
     dropout = p > 0.0;
-    key = dropout_key(static_cast<uint64_t>(seed));
+    seed = static_cast<uint64_t>(seed_);
     threshold = dropout_threshold(p);
+    if (dropout) check_dropout_extent(1, rows, hidden, "ffn");
     keep_scale = static_cast<float>(1.0 / (1.0 - p));
   }
-  // Multiplies row `row` of the activation (or of its gradient) by the dropout factors.
+  // Multiplies row `row` of the activation (or of its gradient) by the dropout factors: element
+  // (row, c) of the (M, hidden) activation, stream 0 (dropout_rng.h).
   void apply_dropout(float* values, int64_t row) const {
     if (!dropout) return;
-    const uint64_t base = static_cast<uint64_t>(row * hidden);
-    for (int64_t c = 0; c < hidden; ++c) values[c] *= dropout_bits(key, base + c) >= threshold ? keep_scale : 0.f;
+    const float scale = keep_scale;
+    dropout_row_keep(seed, threshold, 0u, static_cast<uint32_t>(row), 0, hidden,
+                     [values, scale](int64_t c, bool kept) { values[c] *= kept ? scale : 0.f; });
   }
 };
 

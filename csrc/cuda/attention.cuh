@@ -6,8 +6,8 @@
 // any strides, Hq % Hkv == 0 (query head h reads kv head h / (Hq / Hkv)); D, Dv <= 256.
 // scores = q·kᵀ·scale, causal (top-left: key j > query i is masked), mask (B, Hq, Nq, Nk) bool
 // (true = attend) or floating (added) read through its strides (0 where broadcast). Dropout
-// draws element (b, h, i, j) at offset ((b·Hq + h)·Nq + i)·Nk + j with csrc/dropout_rng.h (the
-// CPU kernels' RNG, so both backends drop the same weights) and scales kept ones by 1/(1 - p).
+// draws element (b, h, i, j) at Philox stream b·Hq + h, row i, column j with csrc/dropout_rng.h (the
+// RNG of every backend, so they all drop the same weights) and scales kept ones by 1/(1 - p).
 // lse: float32 (B, Hq, Nq) contiguous, natural log, +inf for a fully masked row (whose output and
 // gradients are 0).
 #pragma once

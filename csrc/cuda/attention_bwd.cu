@@ -345,13 +345,26 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocksMma)
 #pragma unroll
     for (int t = 0; t < kKeyTiles; ++t) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = qb.q0 + warp_row0 + group + (e >> 1) * 8;
-        const int j = k0 + t * 8 + 2 * tig + (e & 1);
-        const float x = interior ? s[t][e] * scale_log2 : masked_score_log2(s[t][e], sh, qb.b, qb.h, i, j, scale_log2);
-        const float prob = exp2f(x - lse_log2[e >> 1]);  // 0 when masked or the row is (lse = +inf)
-        const float z = (has_dropout && prob != 0.f) ? dropout_scale(sh, qb.b, qb.h, i, j) : 1.f;
-        dp[t][e] = prob * (dp[t][e] * z - delta[e >> 1]) * sh.scale;
+      for (int half = 0; half < 2; ++half) {  // elements 2·half, 2·half + 1: columns j, j + 1 of row i
+        const int i = qb.q0 + warp_row0 + group + half * 8;
+        const int j = k0 + t * 8 + 2 * tig;
+        float prob[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int e = 2 * half + c;
+          const float x =
+              interior ? s[t][e] * scale_log2 : masked_score_log2(s[t][e], sh, qb.b, qb.h, i, j + c, scale_log2);
+          prob[c] = exp2f(x - lse_log2[half]);  // 0 when masked or the row is (lse = +inf)
+        }
+        // the two columns share one Philox call (dropout_scale_pair)
+        const DropoutPair zz = (has_dropout && (prob[0] != 0.f || prob[1] != 0.f))
+                                   ? dropout_scale_pair(sh, qb.b, qb.h, i, j)
+                                   : DropoutPair{1.f, 1.f};
+        const float z[2] = {prob[0] != 0.f ? zz.x : 1.f, prob[1] != 0.f ? zz.y : 1.f};
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          dp[t][2 * half + c] = prob[c] * (dp[t][2 * half + c] * z[c] - delta[half]) * sh.scale;
+        }
       }
     }
 

@@ -95,11 +95,29 @@ __device__ __forceinline__ float masked_score_log2(float dot, const AttentionSha
   return x;
 }
 
-// Dropout multiplier of element (b, h, i, j): 0 or 1/(1 - p). Same draw in forward and backward.
+// Dropout multiplier of element (b, h, i, j): 0 or 1/(1 - p). Same draw in forward and backward:
+// Philox stream b·Hq + h, row i, column j (csrc/dropout_rng.h).
 __device__ __forceinline__ float dropout_scale(const AttentionShape& sh, int b, int h, int i, int j) {
-  const uint64_t offset =
-      ((static_cast<uint64_t>(b) * sh.heads_q + h) * static_cast<uint64_t>(sh.len_q) + i) * sh.len_k + j;
-  return dropout_bits(dropout_key_of(sh.dropout), offset) >= sh.dropout.threshold ? sh.dropout.scale : 0.f;
+  const uint32_t stream = static_cast<uint32_t>(b) * static_cast<uint32_t>(sh.heads_q) + static_cast<uint32_t>(h);
+  return dropout_bits(dropout_seed_of(sh.dropout), stream, static_cast<uint32_t>(i), static_cast<uint32_t>(j)) >=
+                 sh.dropout.threshold
+             ? sh.dropout.scale
+             : 0.f;
+}
+
+// The multipliers of the adjacent elements (b, h, i, j) and (b, h, i, j + 1), j even: one Philox
+// call, as both lie in the quad j / 4 (the two columns of a thread's mma C fragment).
+struct DropoutPair {
+  float x, y;  // the multipliers of columns j and j + 1
+};
+__device__ __forceinline__ DropoutPair dropout_scale_pair(const AttentionShape& sh, int b, int h, int i, int j) {
+  const uint32_t stream = static_cast<uint32_t>(b) * static_cast<uint32_t>(sh.heads_q) + static_cast<uint32_t>(h);
+  const Philox4 r =
+      dropout_bits4(dropout_seed_of(sh.dropout), stream, static_cast<uint32_t>(i), static_cast<uint32_t>(j) >> 2);
+  const bool upper = (j & 2) != 0;
+  const uint32_t w0 = upper ? r.x2 : r.x0, w1 = upper ? r.x3 : r.x1;
+  const float kept = sh.dropout.scale;
+  return {w0 >= sh.dropout.threshold ? kept : 0.f, w1 >= sh.dropout.threshold ? kept : 0.f};
 }
 
 }  // namespace cuda

@@ -147,10 +147,14 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
 #pragma unroll
       for (int t = 0; t < kKeyTiles; ++t) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = qb.q0 + warp_row0 + group + (e >> 1) * 8;
-          const int j = k0 + t * 8 + 2 * tig + (e & 1);
-          if (s[t][e] != 0.f) s[t][e] *= dropout_scale(sh, qb.b, qb.h, i, j);
+        for (int half = 0; half < 2; ++half) {  // elements 2·half, 2·half + 1: columns j, j + 1 of row i
+          const int i = qb.q0 + warp_row0 + group + half * 8;
+          const int j = k0 + t * 8 + 2 * tig;
+          if (s[t][2 * half] != 0.f || s[t][2 * half + 1] != 0.f) {
+            const DropoutPair z = dropout_scale_pair(sh, qb.b, qb.h, i, j);
+            s[t][2 * half] *= z.x;
+            s[t][2 * half + 1] *= z.y;
+          }
         }
       }
     }

@@ -113,11 +113,9 @@ __device__ __forceinline__ float mask_bias(const void* mask, MaskKind kind, int6
   }
 }
 
-// The key of a draw, from the seed in device memory (read-only for the kernel's lifetime, so the
-// compiler may hoist the load and the mix out of the loops).
-__device__ __forceinline__ uint64_t dropout_key_of(const DropoutDraw& d) {
-  return dropout_key(static_cast<uint64_t>(*d.seed));
-}
+// The Philox key of a draw: the seed in device memory (read-only for the kernel's lifetime, so the
+// compiler may hoist the load out of the loops).
+__device__ __forceinline__ uint64_t dropout_seed_of(const DropoutDraw& d) { return static_cast<uint64_t>(*d.seed); }
 
 // --------------------------------------------------------------------------------------------
 // host launch helpers

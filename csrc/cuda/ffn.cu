@@ -35,8 +35,11 @@ __device__ __forceinline__ RowCol row_col(int64_t idx, int64_t cols) { return {i
 
 __device__ __forceinline__ float dropout_factor(const FfnActParams& p, int64_t row, int64_t col) {
   if (!p.dropout.active) return 1.f;
-  const uint64_t offset = static_cast<uint64_t>(row) * p.hidden_out + col;
-  return dropout_bits(dropout_key_of(p.dropout), offset) >= p.dropout.threshold ? p.dropout.scale : 0.f;
+  // element (row, col) of the (M, hidden) activation: Philox stream 0 (csrc/dropout_rng.h)
+  return dropout_bits(dropout_seed_of(p.dropout), 0u, static_cast<uint32_t>(row), static_cast<uint64_t>(col)) >=
+                 p.dropout.threshold
+             ? p.dropout.scale
+             : 0.f;
 }
 
 // h[row, col] + bias[col] in float32.

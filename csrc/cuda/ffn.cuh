@@ -3,8 +3,8 @@
 // Semantics (schema in csrc/fastattn.cpp): h (M, H1) any strides, bias (H1,) or none.
 // Forward: out = dropout(act(h + bias)), (M, H1), or (M, H1/2) for the gated activations whose
 // gate is the first half of the columns: act(gate)·up. Backward: d(h + bias), (M, H1), from the
-// upstream gradient (M, Hout). Dropout draws out[r, c] at offset r·Hout + c with
-// csrc/dropout_rng.h (as the CPU kernels) and scales kept ones by 1/(1 - dropout_p). Outputs are
+// upstream gradient (M, Hout). Dropout draws out[r, c] at Philox stream 0, row r, column c with
+// csrc/dropout_rng.h (as every backend) and scales kept ones by 1/(1 - dropout_p). Outputs are
 // contiguous; float32 arithmetic.
 #pragma once
 

@@ -22,8 +22,8 @@ enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
 enum class MaskKind : int { kNone = 0, kBool = 1, kFloat16 = 2, kBFloat16 = 3, kFloat32 = 4, kFloat64 = 5 };
 
 // Dropout as the kernels draw it (csrc/dropout_rng.h, shared with the CPU kernels): element
-// `offset` is kept when dropout_bits(dropout_key(*seed), offset) >= threshold and then scaled by
-// `scale`. The seed stays in device memory (a one-element int64 tensor drawn by torch inside the
+// (stream, row, col) is kept when dropout_bits(*seed, stream, row, col) >= threshold (Philox
+// 4x32-10) and then scaled by `scale`. The seed stays in device memory (a one-element int64 tensor drawn by torch inside the
 // graph): the kernels read it, so the host never waits for the GPU and CUDA graphs replay new seeds.
 struct DropoutDraw {
   bool active = false;

@@ -45,6 +45,13 @@ def below_autograd():
     return torch._C._AutoDispatchBelowAutograd()
 
 
+def device_type_of(t: torch.Tensor) -> str:
+    """t.device.type without building a torch.device for the usual two (a measurable cost per call)."""
+    if t.is_cuda:
+        return "cuda"
+    return "cpu" if t.is_cpu else t.device.type
+
+
 def records_graph(*tensors) -> bool:
     """Whether a call must go through the family's autograd Function: grad mode is on and an
     input requires grad, or torch.compile is tracing (it differentiates the Function). Otherwise the

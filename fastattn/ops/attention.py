@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from fastattn import dispatch
-from fastattn.ops import below_autograd, claim_op, mask_kind, records_graph
+from fastattn.ops import below_autograd, claim_op, device_type_of, mask_kind, records_graph
 from fastattn.utils import no_double_backward
 
 FAMILY = "attention"
@@ -63,7 +63,7 @@ class AttentionCall(NamedTuple):
 def call_facts(p: AttentionParams, q: torch.Tensor, v: torch.Tensor) -> AttentionCall:
     mask = p.mask
     return AttentionCall(
-        q.device.type, q.dtype, q.size(-1), v.size(-1), mask_kind(mask),
+        device_type_of(q), q.dtype, q.size(-1), v.size(-1), mask_kind(mask),
         mask is not None and mask.requires_grad and torch.is_grad_enabled(),
         p.is_causal, p.dropout_p > 0.0, p.causal_align, p.window, p.softcap > 0.0, p.alibi_slopes is not None,
     )  # fmt: skip

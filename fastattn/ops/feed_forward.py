@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from fastattn import dispatch
-from fastattn.ops import below_autograd, claim_op, records_graph
+from fastattn.ops import below_autograd, claim_op, device_type_of, records_graph
 from fastattn.utils import no_double_backward
 
 FAMILY = "feed_forward"
@@ -41,7 +41,7 @@ class FeedForwardCall(NamedTuple):
 
 
 def call_facts(p: FeedForwardParams, x: torch.Tensor) -> FeedForwardCall:
-    return FeedForwardCall(x.device.type, x.dtype, p.activation, p.dropout_p > 0.0)
+    return FeedForwardCall(device_type_of(x), x.dtype, p.activation, p.dropout_p > 0.0)
 
 
 def feed_forward(p: FeedForwardParams, x, w1, b1, w2, b2) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from fastattn import dispatch
-from fastattn.ops import below_autograd, claim_op, records_graph
+from fastattn.ops import below_autograd, claim_op, device_type_of, records_graph
 from fastattn.utils import no_double_backward
 
 
@@ -47,7 +47,7 @@ def family(p: NormParams) -> str:
 
 def norm(p: NormParams, x, weight, bias, residual):
     """(y, s or None)."""
-    kernels = dispatch.kernels(family(p), NormCall(x.device.type, x.dtype, p.rms))
+    kernels = dispatch.kernels(family(p), NormCall(device_type_of(x), x.dtype, p.rms))
     if kernels.native_autograd:
         return kernels.forward(p, x, weight, bias, residual)
     if not records_graph(x, weight, bias, residual):

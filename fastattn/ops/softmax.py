@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from fastattn import dispatch
-from fastattn.ops import below_autograd, claim_op, records_graph
+from fastattn.ops import below_autograd, claim_op, device_type_of, records_graph
 from fastattn.utils import no_double_backward, zero_hidden_scores
 
 FAMILY = "softmax"
@@ -45,7 +45,7 @@ class SoftmaxCall(NamedTuple):
 
 
 def call_facts(p: SoftmaxParams, x: torch.Tensor) -> SoftmaxCall:
-    return SoftmaxCall(x.device.type, x.dtype, None if p.mask is None else p.mask.dtype, p.is_causal, p.log)
+    return SoftmaxCall(device_type_of(x), x.dtype, None if p.mask is None else p.mask.dtype, p.is_causal, p.log)
 
 
 def softmax(p: SoftmaxParams, x: torch.Tensor) -> torch.Tensor:

@@ -25,10 +25,11 @@ Conventions and details:
   no per-query-head copies of K, V, dK or dV.
 - attn_mask: a (B, Hq, Nq, Nk) view read through its strides (stride 0 where broadcast), bool
   (True = attend) or floating (added, converted to float32 in the kernel).
-- Dropout: counter-based Philox inside the kernels. The keep decision of weight (b, h, i, j) is
-  philox(key = (seed, b·Hq + h), counter = (j, i, 0, 0)) >= p: 32-bit row and column counters, the
-  (batch, head) index in the key, so nothing overflows for any B·H·N². The backward regenerates the
-  same decisions; ``dropout_keep_mask`` materialises them for tests.
+- Dropout: counter-based Philox 4x32-10 inside the kernels, the scheme every backend draws
+  (fastattn/triton/dropout.py, csrc/dropout_rng.h): weight (b, h, i, j) takes output j % 4 of
+  philox(key = seed, counter = (j // 4, i, b·Hq + h, 0)) and is kept iff it is >= the uint32
+  threshold of p. 32-bit counters, so nothing overflows for any B·H·N². The backward regenerates
+  the same decisions; ``dropout_keep_mask`` materialises them for tests.
 - Head dims 1..256 (query/key and value dims may differ), padded to a power of two >= 16 with
   masked loads. q/k/v/dO with any strides whose last one is 1 are read in place (packed QKV
   views); a tensor with a strided last dim is copied once.
@@ -52,6 +53,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from fastattn.ops import attention as attention_op
+from fastattn.triton import dropout as _rng
 from fastattn.triton.common import INTERPRETING as _INTERPRETING
 from fastattn.triton.common import LN2, LN2_C, LOG2E, LOG2E_C, next_power_of_2  # noqa: F401  (LN2: kept public)
 from fastattn.triton.common import SUPPORTED_DTYPES as _SUPPORTED_DTYPES
@@ -131,13 +133,9 @@ def _dropout_keep(seed, bh, rows, cols, dropout_p):
     """Keep decisions (True = kept) of the weights at (rows, cols) of head bh = b·Hq + h.
 
     rows, cols: broadcastable index tensors ([:, None] and [None, :], either way round).
-    Philox with the (seed, bh) pair as its 64-bit key and (col, row) as its counter."""
-    cols_full = (cols + rows * 0).to(tl.uint32, bitcast=True)
-    rows_full = (rows + cols * 0).to(tl.uint32, bitcast=True)
-    zero = cols_full * 0
-    key = seed.to(tl.uint64) + (bh.to(tl.uint64) << 32)
-    bits, _, _, _ = tl.philox(key, cols_full, rows_full, zero, zero)
-    return tl.uint_to_uniform_float(bits) >= dropout_p
+    The one dropout scheme (fastattn/triton/dropout.py, csrc/dropout_rng.h): Philox stream bh, row
+    i, column j, one Philox call per element."""
+    return _rng.element_keep(seed, bh, rows, cols, dropout_p)
 
 
 @triton.jit

@@ -2,8 +2,8 @@
 
 Forward: one Triton kernel computes the first GEMM tile by tile and applies, in its epilogue, the
 bias, the activation, the gate product of swiglu/geglu (the gate and up tiles are accumulated in
-the same program from the same x tile) and dropout (counter-based Philox keyed by the element
-index, as tl.rand, see ``_keep``; regenerated in the backward and by ``dropout_mask``). The
+the same program from the same x tile) and dropout (Philox 4x32-10, the scheme of every backend:
+fastattn/triton/dropout.py, see ``_keep``; regenerated in the backward and by ``dropout_mask``). The
 pre-activation h = x·w1ᵀ + b1 therefore never leaves registers; only the activation
 ``a`` (M, hidden) is written, and the second GEMM ``a·w2ᵀ + b2`` runs in cuBLAS (``torch.addmm``).
 Why cuBLAS for the second GEMM: after it there is nothing element-wise left to fuse (dropout sits
@@ -45,6 +45,7 @@ from fastattn import activations
 from fastattn.activations import ACTIVATIONS, GATED_ACTIVATIONS
 from fastattn.ops import feed_forward as feed_forward_op
 from fastattn.triton import common
+from fastattn.triton import dropout as _rng
 from fastattn.triton.common import SUPPORTED_DTYPES
 from fastattn.utils import empty, seed_arg
 
@@ -245,17 +246,13 @@ def _activation_grad(h, ACTIVATION: tl.constexpr):
 @triton.jit
 def _keep(seed, rows, first_col, hidden, dropout_p, INDEX_64: tl.constexpr, BLOCK_H: tl.constexpr):
     """The dropout keep-mask of the tile (rows, first_col + [0, BLOCK_H)) of the (M, hidden)
-    activation, so that forward, backward and ``dropout_mask`` agree. Counter-based: one Philox call
-    per 4 consecutive elements of a row, at counter row·ceil(hidden/4) + col//4, gives the 4 uniform
-    draws of that quad (a quarter of tl.rand's work, and of its registers in the epilogue)."""
-    quads = first_col // 4 + tl.arange(0, BLOCK_H // 4)
-    if INDEX_64:
-        index = rows.to(tl.int64)[:, None] * ((hidden + 3) // 4) + quads[None, :]
-    else:
-        index = rows[:, None] * ((hidden + 3) // 4) + quads[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, index)
-    draws = tl.join(tl.join(r0, r1), tl.join(r2, r3)).reshape(rows.shape[0], BLOCK_H)
-    return tl.uint_to_uniform_float(draws) >= dropout_p
+    activation, so that forward, backward and ``dropout_mask`` agree. The one dropout scheme of every
+    backend (fastattn/triton/dropout.py, csrc/dropout_rng.h): Philox stream 0, row, column; one
+    Philox call per 4 consecutive columns of a row (counter (col // 4, row, 0, 0)) gives their 4
+    draws (a quarter of tl.rand's work, and of its registers in the epilogue). first_col is a
+    multiple of 4. The counters are 32-bit for any M < 2^32, so hidden and INDEX_64 (kept for the
+    call sites) do not enter."""
+    return _rng.quad_keep(seed, 0, rows, first_col // 4, dropout_p, BLOCK_H // 4)
 
 
 @triton.jit

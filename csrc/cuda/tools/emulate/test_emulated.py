@@ -4,7 +4,8 @@ The .cu files and csrc/cuda/*_api.cpp are compiled as C++ with FASTATTN_EMULATE 
 a torch library whose ops are ``torch.ops.fastattn_emu.*`` (the schemas of csrc/fastattn.cpp)
 and take CPU tensors. Every kernel path is reachable: FASTATTN_EMU_SM picks the tensor-core
 (>= 80) or the CUDA-core (< 80) attention kernels. Checks follow the project's numerics rule
-(tests/helpers.assert_rule); dropout is checked exactly against csrc/dropout_rng.h in NumPy.
+(tests/helpers.assert_rule); dropout is checked exactly against csrc/dropout_rng.h's Philox in
+NumPy (tests/helpers.dropout_keep_oracle) and against the CPU extension's mask.
 
     python -m pytest csrc/cuda/tools/emulate/test_emulated.py -q -n 0
 """
@@ -16,7 +17,6 @@ import os
 import pathlib
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -29,7 +29,7 @@ os.environ["FASTATTN_POISON_OUTPUTS"] = "1"  # the glue NaN-fills outputs: unwri
 GUARD = 67  # NaN elements the glue puts before and after each floating output (api_utils.h new_output)
 os.environ["FASTATTN_GUARD_OUTPUTS"] = str(GUARD)
 
-from helpers import assert_rule  # noqa: E402
+from helpers import assert_rule, dropout_keep_oracle  # noqa: E402
 
 from fastattn import reference  # noqa: E402
 from fastattn.utils import zero_hidden_scores  # noqa: E402
@@ -119,26 +119,13 @@ def emulated_sm(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# dropout: csrc/dropout_rng.h (splitmix64), written again in NumPy
+# dropout: csrc/dropout_rng.h (Philox 4x32-10), the NumPy oracle of tests/helpers.py
 # ---------------------------------------------------------------------------------------------
-
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
 
 
 def keep_mask(seed: int, shape, dropout_p: float) -> torch.Tensor:
-    """Kept elements of a row-major tensor of `shape` (offset = linear index)."""
-    with np.errstate(over="ignore"):
-        key = _mix64(np.array([seed ^ 0x5DEECE66D], dtype=np.uint64))[0]
-        offsets = np.arange(math.prod(shape), dtype=np.uint64).reshape(shape)
-        bits = _mix64(key + (offsets + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
-    threshold = math.ceil(dropout_p * 16777216.0)
-    return torch.from_numpy(bits >= np.uint64(threshold))
+    """Kept elements of a row-major tensor of `shape`, read as (streams, rows, cols)."""
+    return dropout_keep_oracle(seed, shape, dropout_p)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])
@@ -149,6 +136,19 @@ def test_dropout_mask(ops, p):
     assert torch.equal(got, keep_mask(20240607, like.shape, p))
     with pytest.raises(ValueError, match="p must be"):
         ops.dropout_mask(like, 1.0, torch.tensor([0]))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 13, 37), (1, 1, 1, 1), (39, 66), (13, 37)], ids=str)
+def test_dropout_mask_is_the_cpu_extensions(ops, shape):
+    """The CUDA dropout_mask kernel draws what the CPU kernels draw (attention (B, Hq, Nq, Nk) and
+    FFN (M, hidden) shapes, hidden not a multiple of 4)."""
+    import fastattn
+
+    if fastattn.backends()["cpu"] is not None:
+        pytest.skip(f"cpu extension: {fastattn.backends()['cpu']}")
+    for seed in (0, -7, 2**62 + 3):
+        got = ops.dropout_mask(torch.empty(shape), 0.3, torch.tensor([seed]))
+        assert torch.equal(got, torch.ops.fastattn.dropout_mask(torch.empty(shape), 0.3, torch.tensor([seed]))), seed
 
 
 # ---------------------------------------------------------------------------------------------
