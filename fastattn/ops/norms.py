@@ -28,6 +28,8 @@ from fastattn import dispatch
 from fastattn.ops import below_autograd, claim_op, device_type_of, records_graph
 from fastattn.utils import no_double_backward
 
+_BelowAutograd = torch._C._AutoDispatchBelowAutograd
+
 
 class NormParams(NamedTuple):
     eps: float
@@ -51,7 +53,7 @@ def norm(p: NormParams, x, weight, bias, residual):
     if kernels.native_autograd:
         return kernels.forward(p, x, weight, bias, residual)
     if not records_graph(x, weight, bias, residual):
-        with below_autograd():
+        with _BelowAutograd():  # (records_graph is True under torch.compile)
             y, s, _, _ = kernels.forward(p, x, weight, bias, residual)
         return y, (s if residual is not None else None)
     if residual is None:
