@@ -10,7 +10,7 @@ import numbers
 
 import torch
 
-from fastattn import dispatch, reference
+from fastattn import reference
 from fastattn.errors import ArgumentError, ArgumentTypeError
 from fastattn.ops import attention as attention_op
 from fastattn.ops import device_type_of, norms
@@ -338,8 +338,7 @@ def _attention_head_dim_0(query, key, value, attn_mask, dropout_p, is_causal, sc
         mask = attn_mask.expand(*batch, h_q, n_q, n_k).reshape(b, h_q, n_q, n_k)
     params = AttentionParams(scale, bool(is_causal), dropout_p, mask, _dropout_seed(dropout_p, query.device))
     q, k = query.reshape(b, h_q, n_q, 0), key.reshape(b, h_kv, n_k, 0)
-    out, _ = dispatch.provider("reference", "attention").forward(params, q, k, value.reshape(b, h_kv, n_k, value.size(-1)))
-    return out.reshape(out_shape)
+    return attention_op.attention_head_dim_0(params, q, k, value.reshape(b, h_kv, n_k, value.size(-1))).reshape(out_shape)
 
 
 # --------------------------------------------------------------------------------------------

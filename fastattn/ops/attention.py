@@ -97,6 +97,18 @@ def attention(p: AttentionParams, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return kernels.function.apply(q, k, v, p.mask, p.seed, p.scale, p.is_causal, p.dropout_p)
 
 
+def attention_head_dim_0(p: AttentionParams, q, k, v) -> torch.Tensor:
+    """D = 0 (Dv > 0): every score is 0, so each row averages the values it sees (masks, causal
+    and dropout apply), as torch gives. No kernel takes D = 0; the op's own math runs, the same on
+    every backend, differentiated by torch, with the one dropout RNG."""
+    from fastattn import reference
+
+    keep = None
+    if p.dropout_p > 0.0:
+        keep = reference.dropout_keep(p.seed, (*q.shape[:-1], k.size(-2)), p.dropout_p).to(q.device)
+    return reference.attention(q, k, v, p.mask, p.dropout_p, p.is_causal, p.scale, q.size(1) != k.size(1), keep)
+
+
 # --------------------------------------------------------------------------------------------
 # autograd, written once: a Function per provider, and the same backward on its torch op
 # --------------------------------------------------------------------------------------------
