@@ -427,7 +427,9 @@ def feed_forward(x, w1, b1=None, w2=None, b2=None, *, activation="gelu", dropout
         raise TypeError("w1 is required")
     if w2 is None:
         raise TypeError("w2 is required")
-    x, w1, b1, w2, b2 = _autocast(device_type_of(x), x, w1, b1, w2, b2)
+    device_type = device_type_of(x)
+    if torch.is_autocast_enabled(device_type):
+        x, w1, b1, w2, b2 = _autocast(device_type, x, w1, b1, w2, b2)
     for name, t in (("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2)):
         if t is not None:
             _check_like(name, t, "x", x)
@@ -438,18 +440,20 @@ def feed_forward(x, w1, b1=None, w2=None, b2=None, *, activation="gelu", dropout
         raise ValueError(f"w1 must have an even number of rows (gate, then up) for {activation}, got {w1.size(0)}")
     if w2.dim() != 2 or w2.size(1) != hidden:
         raise ValueError(f"w2 must have shape (d_out, {hidden}) to follow w1 of shape {tuple(w1.shape)}, got {tuple(w2.shape)}")
-    if b1 is not None and tuple(b1.shape) != (w1.size(0),):
+    if b1 is not None and b1.shape != (w1.size(0),):
         raise ValueError(f"b1 must have shape ({w1.size(0)},), got {tuple(b1.shape)}")
-    if b2 is not None and tuple(b2.shape) != (w2.size(0),):
+    if b2 is not None and b2.shape != (w2.size(0),):
         raise ValueError(f"b2 must have shape ({w2.size(0)},), got {tuple(b2.shape)}")
-    dropout_p = _check_dropout(dropout_p)
-    out_shape = (*x.shape[:-1], w2.size(0))
+    if dropout_p.__class__ is not float or not 0.0 <= dropout_p < 1.0:  # the check, past the usual 0.0
+        dropout_p = _check_dropout(dropout_p)
     if x.numel() == 0 or w1.numel() == 0:
-        return reference.feed_forward(x, w1, b1, w2, b2, activation).reshape(out_shape)
-    x2 = x.reshape(-1, x.size(-1))
-    params = FeedForwardParams(activation, dropout_p, _dropout_seed(dropout_p, x.device))
-    out = feed_forward_op.feed_forward(params, x2, w1, b1, w2, b2)
-    return out.reshape(out_shape)
+        return reference.feed_forward(x, w1, b1, w2, b2, activation).reshape(*x.shape[:-1], w2.size(0))
+    rows = x.dim() == 2
+    seed = _dropout_seed(dropout_p, x.device) if dropout_p else None
+    out = feed_forward_op.feed_forward(
+        FeedForwardParams(activation, dropout_p, seed), x if rows else x.reshape(-1, x.size(-1)), w1, b1, w2, b2
+    )
+    return out if rows else out.reshape(*x.shape[:-1], w2.size(0))
 
 
 # --------------------------------------------------------------------------------------------
