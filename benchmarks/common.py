@@ -205,7 +205,13 @@ def metric_value(metric: str, work: float | None, time_ms: float | None) -> floa
 # providers
 # ------------------------------------------------------------------------------------------------
 
-FASTATTN_BACKENDS = ("triton", "cuda", "cpu")
+def _kernel_backends() -> tuple[str, ...]:
+    from fastattn.dispatch import BACKENDS  # the registry's names (importing it loads no backend)
+
+    return tuple(name for name in BACKENDS if name != "reference")  # the reference is the "naive" provider
+
+
+FASTATTN_BACKENDS = _kernel_backends()
 
 
 def fastattn_backend_reasons(ctx: Context) -> dict[str, str | None]:

@@ -10,7 +10,7 @@ import numbers
 
 import torch
 
-from fastattn import dispatch, reference
+from fastattn import reference
 from fastattn.errors import ArgumentError, ArgumentTypeError
 from fastattn.ops import attention as attention_op
 from fastattn.ops import device_type_of, norms
@@ -92,12 +92,33 @@ def _dropout_seed(dropout_p: float, device) -> torch.Tensor | None:
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
 
 
+# --------------------------------------------------------------------------------------------
+# the autocast policy, in one place (applied by the public functions before their dtype checks;
+# the modules and layers add nothing): as torch's own ops under torch.autocast,
+# - matmul-like (attention, feed_forward): floating inputs cast to the autocast dtype;
+# - softmax and norms: computed in float32; returned in float32 under CUDA autocast, in the
+#   input's dtype under CPU autocast (CPU autocast does not list them).
+# --------------------------------------------------------------------------------------------
+
+
 def _autocast(device_type: str, *tensors):
-    """Cast floating tensors to the autocast dtype when autocast is on (as torch's matmul ops)."""
+    """Matmul-like ops: floating tensors cast to the autocast dtype when autocast is on."""
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def _autocast_float32(device_type: str, x, residual=None, params=()):
+    """Softmax and norms under autocast: (x, residual, params) in float32 and the dtype to return
+    (CPU: x's, or that of x + residual; CUDA: None, float32 stays). Without autocast: as given, None."""
+    if not torch.is_autocast_enabled(device_type):
+        return x, residual, params, None
+    out_dtype = None
+    if device_type == "cpu":
+        out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    residual = None if residual is None else residual.float()
+    return x.float(), residual, [None if p is None else p.float() for p in params], out_dtype
 
 
 def _empty_like_graph(shape, like: torch.Tensor, *inputs) -> torch.Tensor:
@@ -237,6 +258,8 @@ def scaled_dot_product_attention(
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t, ndim_min=2)
+    if torch.is_autocast_enabled(device_type_of(query)):
+        query, key, value = _autocast(device_type_of(query), query, key, value)
     _check_like("key", key, "query", query)
     _check_like("value", value, "query", query)
     ndim = query.dim()
@@ -280,8 +303,6 @@ def scaled_dot_product_attention(
     if attn_mask is not None:
         _check_mask("attn_mask", attn_mask, (*batch, h_q, n_q, n_k), device)
 
-    if torch.is_autocast_enabled(device.type):
-        query, key, value = _autocast(device.type, query, key, value)
     if d == 0 and n_q > 0 and n_k > 0 and value.numel() > 0:
         out_shape = (*batch, h_q, n_q, d_v)
         return _attention_head_dim_0(query, key, value, attn_mask, dropout_p, is_causal, scale, out_shape)
@@ -317,8 +338,7 @@ def _attention_head_dim_0(query, key, value, attn_mask, dropout_p, is_causal, sc
         mask = attn_mask.expand(*batch, h_q, n_q, n_k).reshape(b, h_q, n_q, n_k)
     params = AttentionParams(scale, bool(is_causal), dropout_p, mask, _dropout_seed(dropout_p, query.device))
     q, k = query.reshape(b, h_q, n_q, 0), key.reshape(b, h_kv, n_k, 0)
-    out, _ = dispatch.provider("reference", "attention").forward(params, q, k, value.reshape(b, h_kv, n_k, value.size(-1)))
-    return out.reshape(out_shape)
+    return attention_op.attention_head_dim_0(params, q, k, value.reshape(b, h_kv, n_k, value.size(-1))).reshape(out_shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,11 +360,7 @@ def _softmax(x, dim, scale, mask, is_causal, log):
         _check_mask("mask", mask, x.shape, x.device)
     if ndim == 0:
         return _softmax(x[None], 0, scale, None if mask is None else mask[None], False, log)[0]
-    out_dtype = None
-    device_type = device_type_of(x)
-    if torch.is_autocast_enabled(device_type):  # autocast runs softmax in float32, as torch's
-        out_dtype = _autocast_out_dtype(x)
-        x = x.float()
+    x, _, _, out_dtype = _autocast_float32(device_type_of(x), x)
     dim = dim % ndim
     if x.numel() == 0:
         return reference.softmax(x, dim, scale, mask, is_causal, log).to(out_dtype or x.dtype)
@@ -411,6 +427,9 @@ def feed_forward(x, w1, b1=None, w2=None, b2=None, *, activation="gelu", dropout
         raise TypeError("w1 is required")
     if w2 is None:
         raise TypeError("w2 is required")
+    device_type = device_type_of(x)
+    if torch.is_autocast_enabled(device_type):
+        x, w1, b1, w2, b2 = _autocast(device_type, x, w1, b1, w2, b2)
     for name, t in (("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2)):
         if t is not None:
             _check_like(name, t, "x", x)
@@ -421,19 +440,20 @@ def feed_forward(x, w1, b1=None, w2=None, b2=None, *, activation="gelu", dropout
         raise ValueError(f"w1 must have an even number of rows (gate, then up) for {activation}, got {w1.size(0)}")
     if w2.dim() != 2 or w2.size(1) != hidden:
         raise ValueError(f"w2 must have shape (d_out, {hidden}) to follow w1 of shape {tuple(w1.shape)}, got {tuple(w2.shape)}")
-    if b1 is not None and tuple(b1.shape) != (w1.size(0),):
+    if b1 is not None and b1.shape != (w1.size(0),):
         raise ValueError(f"b1 must have shape ({w1.size(0)},), got {tuple(b1.shape)}")
-    if b2 is not None and tuple(b2.shape) != (w2.size(0),):
+    if b2 is not None and b2.shape != (w2.size(0),):
         raise ValueError(f"b2 must have shape ({w2.size(0)},), got {tuple(b2.shape)}")
-    dropout_p = _check_dropout(dropout_p)
-    x, w1, b1, w2, b2 = _autocast(x.device.type, x, w1, b1, w2, b2)
-    out_shape = (*x.shape[:-1], w2.size(0))
+    if dropout_p.__class__ is not float or not 0.0 <= dropout_p < 1.0:  # the check, past the usual 0.0
+        dropout_p = _check_dropout(dropout_p)
     if x.numel() == 0 or w1.numel() == 0:
-        return reference.feed_forward(x, w1, b1, w2, b2, activation).reshape(out_shape)
-    x2 = x.reshape(-1, x.size(-1))
-    params = FeedForwardParams(activation, dropout_p, _dropout_seed(dropout_p, x.device))
-    out = feed_forward_op.feed_forward(params, x2, w1, b1, w2, b2)
-    return out.reshape(out_shape)
+        return reference.feed_forward(x, w1, b1, w2, b2, activation).reshape(*x.shape[:-1], w2.size(0))
+    rows = x.dim() == 2
+    seed = _dropout_seed(dropout_p, x.device) if dropout_p else None
+    out = feed_forward_op.feed_forward(
+        FeedForwardParams(activation, dropout_p, seed), x if rows else x.reshape(-1, x.size(-1)), w1, b1, w2, b2
+    )
+    return out if rows else out.reshape(*x.shape[:-1], w2.size(0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,8 +465,10 @@ def _check_norm(x, normalized_shape, params, residual):
     _check_tensor("x", x)
     # Under autocast the norm runs in float32 whatever the dtypes (as torch's: a bf16 x with float32
     # weights and a float32 residual stream is the usual mixed-precision case), so only devices must match.
-    same_dtype = not torch.is_autocast_enabled(x.device.type)
-    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
+    same_dtype = not torch.is_autocast_enabled(device_type_of(x))
+    if normalized_shape.__class__ is tuple and len(normalized_shape) == 1 and normalized_shape[0].__class__ is int:
+        shape = normalized_shape  # a module's own (n,): the common case, checked without the loop below
+    elif isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
         shape = (normalized_shape,)
     elif isinstance(normalized_shape, (tuple, list, torch.Size)) and all(
         isinstance(d, int) and not isinstance(d, bool) for d in normalized_shape
@@ -454,26 +476,19 @@ def _check_norm(x, normalized_shape, params, residual):
         shape = tuple(normalized_shape)
     else:
         raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
-    if len(shape) == 0 or len(shape) > x.dim() or tuple(x.shape[-len(shape):]) != shape:
+    x_shape = x.shape
+    if len(shape) == 0 or len(shape) > len(x_shape) or x_shape[-len(shape):] != shape:
         raise ValueError(f"normalized_shape {shape} does not match the last dims of x {tuple(x.shape)}")
     for name, t in params:
         if t is not None:
             _check_like(name, t, "x", x, same_dtype)
-            if tuple(t.shape) != shape:
+            if t.shape != shape:
                 raise ValueError(f"{name} must have shape {shape} (normalized_shape), got {tuple(t.shape)}")
     if residual is not None:
         _check_like("residual", residual, "x", x, same_dtype)
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     return shape
-
-
-def _autocast_out_dtype(x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.dtype | None:
-    """The dtype torch's norms and (log_)softmax return under CPU autocast: their input's (CPU
-    autocast does not list them; CUDA autocast runs them in float32), else None (no cast back)."""
-    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
-        return None
-    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
 
 def _check_eps(eps) -> float:
@@ -484,24 +499,24 @@ def _check_eps(eps) -> float:
 
 def _norm(op, x, shape, params, eps, residual):
     n = math.prod(shape)
-    out_dtype = _autocast_out_dtype(x, residual)
-    if torch.is_autocast_enabled(x.device.type):  # autocast runs norms in float32, as torch's
-        x = x.float()
-        residual = None if residual is None else residual.float()
-        params = [None if p is None else p.float() for p in params]
-    x2 = x.reshape(-1, n)
-    r2 = None if residual is None else residual.reshape(-1, n)
-    flat = [None if p is None else p.reshape(n) for p in params]
+    x, residual, params, out_dtype = _autocast_float32(device_type_of(x), x, residual, params)
+    flat_rows = x.dim() == 2 and len(shape) == 1  # (M, N) over N: no reshapes
+    x2 = x if flat_rows else x.reshape(-1, n)
+    r2 = None if residual is None or flat_rows else residual.reshape(-1, n)
+    r2 = residual if flat_rows else r2
+    flat = params if len(shape) == 1 else [None if p is None else p.reshape(n) for p in params]
     if x.numel() == 0:
         # zeros still connected to x, residual and the parameters: backward gives zero gradients
         y, s = _empty_like_graph(x.shape, x, x, residual, *params), (None if residual is None else x + residual)
     else:
         weight, bias = flat if len(flat) == 2 else (flat[0], None)
         y, s = norms.norm(NormParams(eps, op == "rms_norm"), x2, weight, bias, r2)
-    y = y.reshape(x.shape)
+    if not flat_rows:
+        y = y.reshape(x.shape)
+        s = None if s is None else s.reshape(x.shape)
     if out_dtype is not None:
         y, s = y.to(out_dtype), (None if s is None else s.to(out_dtype))
-    return y if residual is None else (y, s.reshape(x.shape))
+    return y if residual is None else (y, s)
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual=None):

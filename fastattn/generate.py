@@ -3,6 +3,7 @@
     python -m fastattn.generate --checkpoint runs/decoder-tiny/checkpoint.pt --prompt "def " --max-new-tokens 200
     python -m fastattn.generate --checkpoint ... --temperature 0            # greedy
     python -m fastattn.generate --checkpoint ... --top-k 40 --top-p 0.9     # sampling
+    python -m fastattn.generate --checkpoint ... --device cuda --cuda-graph # decode steps replayed from a CUDA graph
 
 Decoding uses the model's KV cache. For an encoder-decoder checkpoint (trained to restore reversed
 text) the encoder reads the prompt backwards (padded with spaces to the training length) and the
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     a("--attn", choices=ATTN_IMPLS, default=None, help="attention implementation (default: the checkpoint's)")
     a("--ffn", choices=FFN_IMPLS, default=None, help="feed-forward implementation (default: the checkpoint's)")
+    a("--cuda-graph", action="store_true", help="replay each one-token decode step from a CUDA graph (--device cuda)")
     return p
 
 
@@ -57,7 +59,8 @@ def generate_text(model: Transformer, prompt: str, args) -> list[str]:
     device = next(model.parameters()).device
     tokens = encode_text(prompt)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen,
+                    cuda_graph=getattr(args, "cuda_graph", False))
     n = args.num_samples
     if model.config.arch == "encoder-decoder":
         max_len = model.config.max_seq_len
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             raise TrainError(f"--top-p must be in (0, 1], got {args.top_p}")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise TrainError("--device cuda: no CUDA device here")
+        if args.cuda_graph and args.device != "cuda":
+            raise TrainError("--cuda-graph needs --device cuda")
         model = load_model(args.checkpoint, args.device, attn_impl=args.attn, ffn_impl=args.ffn)
         if model.config.arch == "encoder":
             raise TrainError("an encoder (masked LM) checkpoint does not generate; use a decoder or encoder-decoder one")

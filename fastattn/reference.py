@@ -5,7 +5,8 @@ They are written for clarity, not speed: attention materialises the (Nq, Nk) sco
 stores its pre-activation, softmax runs in the input's dtype. Run in fp16/bf16 they are also the
 "naive low-precision version" whose error the numerics rule compares a kernel's error against.
 
-The bottom of the file maps them to the dispatch's canonical op arguments (backend "reference").
+The bottom of the file makes them the "reference" backend's kernel providers (the protocols of
+fastattn/ops/<family>.py); torch differentiates them, so they also serve double backward.
 """
 
 from __future__ import annotations

@@ -243,13 +243,27 @@ class KVCache:
         end = self.length + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
-        if self.keys[layer] is None:
-            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
-            self.keys[layer] = k.new_empty(shape)
-            self.values[layer] = v.new_empty(shape[:3] + (v.size(3),))
+        self._allocate(layer, k, v)
         self.keys[layer][:, :, self.length : end] = k
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def append_at(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """Store one token's k, v (B, Hkv, 1, d) at position ``pos`` (a 0-dim int64 tensor on the
+        cache's device); return the whole (B, Hkv, max_len, d) buffers. Shapes and addresses never
+        change, so a decode step built on it can be captured in a CUDA graph (the attention masks
+        the positions past ``pos``)."""
+        self._allocate(layer, k, v)
+        index = pos.reshape(1)
+        self.keys[layer].index_copy_(2, index, k)
+        self.values[layer].index_copy_(2, index, v)
+        return self.keys[layer], self.values[layer]
+
+    def _allocate(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.keys[layer] is None:  # zeros: a masked position must never hold a NaN (0 * NaN in p @ v)
+            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
+            self.keys[layer] = k.new_zeros(shape)
+            self.values[layer] = v.new_zeros(shape[:3] + (v.size(3),))
 
     def reset(self):
         self.length = 0  # the buffers and the cross-attention keys stay
@@ -275,7 +289,7 @@ class Attention(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, n_head, self.cfg.head_dim).transpose(1, 2)  # (B, H, n, d), a view
 
-    def forward(self, x, memory=None, *, is_causal=False, attn_mask=None, rope=None, cache=None, layer=0):
+    def forward(self, x, memory=None, *, is_causal=False, attn_mask=None, rope=None, cache=None, layer=0, cache_pos=None):
         cfg = self.cfg
         q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
         if self.cross:
@@ -292,7 +306,7 @@ class Attention(nn.Module):
             if rope is not None:
                 q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
             if cache is not None:
-                k, v = cache.append(layer, k, v)
+                k, v = cache.append(layer, k, v) if cache_pos is None else cache.append_at(layer, k, v, cache_pos)
         p = cfg.dropout if self.training else 0.0
         y = attend(cfg.attn_impl, q, k, v, is_causal=is_causal, attn_mask=attn_mask, dropout_p=p)
         return self.out_proj(y.transpose(1, 2).reshape(x.size(0), x.size(1), q_dim))
@@ -311,9 +325,10 @@ class Block(nn.Module):
         self.norm2, self.ffn = Norm(cfg), FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, memory=None, *, is_causal=False, attn_mask=None, rope=None, cache=None, layer=0):
+    def forward(self, x, memory=None, *, is_causal=False, attn_mask=None, rope=None, cache=None, layer=0, cache_pos=None):
         def self_attn(h):
-            return self.drop(self.attn(h, is_causal=is_causal, attn_mask=attn_mask, rope=rope, cache=cache, layer=layer))
+            return self.drop(self.attn(h, is_causal=is_causal, attn_mask=attn_mask, rope=rope, cache=cache, layer=layer,
+                                       cache_pos=cache_pos))
 
         def cross_attn(h):
             return self.drop(self.cross_attn(h, memory, cache=cache, layer=layer))
@@ -436,6 +451,60 @@ class Transformer(nn.Module):
             cache.length += n
         return x
 
+    def _decode_step(self, token: torch.Tensor, pos: torch.Tensor, memory, cache: KVCache) -> torch.Tensor:
+        """One token (B, 1) at position ``pos`` (0-dim int64 tensor) with static shapes: every
+        tensor's shape and address is the same at every step, nothing reads a value back on the
+        host, so the step can be captured in a CUDA graph and replayed (``generate(cuda_graph=True)``).
+        Attends to the whole cache under a key mask (positions <= pos); ``cache.length`` is the
+        caller's to advance."""
+        index = pos.reshape(1)
+        x = self.tok_emb(token)
+        rope = None
+        if self.config.pos_encoding == "learned":
+            x = x + self.pos_emb(index)
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + self.pos_table.index_select(0, index)
+        else:
+            rope = (self.rope_cos.index_select(0, index), self.rope_sin.index_select(0, index))
+        x = self.drop(x)
+        visible = (torch.arange(cache.max_len, device=token.device) <= pos).view(1, 1, 1, cache.max_len)
+        for i, block in enumerate(self.decoder):
+            x = block(x, memory, attn_mask=visible, rope=rope, cache=cache, layer=i, cache_pos=pos)
+        return x
+
+    def _step_runner(self, token: torch.Tensor, memory, cache: KVCache, cuda_graph: bool):
+        """(step(token (B,), pos int) -> hidden (B, 1, d)): the static decode step, replayed from a
+        CUDA graph when ``cuda_graph`` (captured here, after two warm-up steps on a side stream that
+        also run any autotuning), else run eagerly."""
+        static_token = token.new_zeros(token.size(0), 1)
+        static_pos = torch.zeros((), dtype=torch.long, device=token.device)
+
+        def eager(tok, pos):
+            static_token.copy_(tok[:, None])
+            static_pos.fill_(pos)
+            return self._decode_step(static_token, static_pos, memory, cache)
+
+        if not cuda_graph:
+            return eager
+        static_pos.fill_(cache.length)  # warm-up writes land where the first real step writes
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._decode_step(static_token, static_pos, memory, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_hidden = self._decode_step(static_token, static_pos, memory, cache)
+
+        def replay(tok, pos):
+            static_token.copy_(tok[:, None])
+            static_pos.fill_(pos)
+            graph.replay()
+            return static_hidden
+
+        return replay
+
     # ---- training -----------------------------------------------------------------------------
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, source: torch.Tensor | None = None):
@@ -494,6 +563,8 @@ class Transformer(nn.Module):
         top_p: float | None = None,
         eos_id: int | None = None,
         generator: torch.Generator | None = None,
+        cuda_graph: bool = False,
+        static_shapes: bool = False,
     ) -> torch.Tensor:
         """Continue idx (B, T0) by up to max_new_tokens tokens with a KV cache; (B, T0 + new).
 
@@ -501,11 +572,19 @@ class Transformer(nn.Module):
         and/or the nucleus of probability top_p. For the encoder-decoder, ``source`` feeds the
         encoder (once) and idx starts the decoder (e.g. the BOS token). Past max_seq_len the cache
         restarts from the last max_seq_len/2 tokens (a sliding window recomputed in one pass).
-        Sequences stop after eos_id (later positions are filled with it)."""
+        Sequences stop after eos_id (later positions are filled with it).
+
+        ``cuda_graph=True`` (CUDA tensors): each one-token step after the prompt is replayed from a
+        CUDA graph captured once (static shapes: the step attends to the whole preallocated cache
+        under a key mask), which removes the per-kernel launch and Python cost of a step.
+        ``static_shapes=True`` runs that same static step eagerly (any device; what the graph
+        replays)."""
         if self.config.arch == "encoder":
             raise ValueError("an encoder (masked LM) does not generate left to right; use a decoder checkpoint")
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx must be (batch, length >= 1) token ids, got shape {tuple(idx.shape)}")
+        if cuda_graph and idx.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model and idx on a CUDA device, got {idx.device}")
         was_training = self.training
         self.eval()
         try:
@@ -514,6 +593,7 @@ class Transformer(nn.Module):
             cache = KVCache(self.config.n_layer, window)
             out = idx
             hidden = self._decode(idx[:, -window:], memory, cache)
+            step = None  # the static step (built at the first one-token step: the cache exists then)
             finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
             for _ in range(max_new_tokens):
                 logits = self.logits(hidden[:, -1]).float()
@@ -527,6 +607,10 @@ class Transformer(nn.Module):
                 if cache.length == window:  # full: recompute the last half of the window
                     cache.reset()
                     hidden = self._decode(out[:, -(window // 2) :], memory, cache)
+                elif cuda_graph or static_shapes:
+                    step = step or self._step_runner(token, memory, cache, cuda_graph)
+                    hidden = step(token, cache.length)
+                    cache.length += 1
                 else:
                     hidden = self._decode(token[:, None], memory, cache)
             return out

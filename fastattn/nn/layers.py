@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastattn import functional
+from fastattn.ops import device_type_of
 from fastattn.reference import ACTIVATIONS, GATED_ACTIVATIONS
 
 __all__ = ["FeedForward", "LayerNorm", "RMSNorm", "Softmax"]
@@ -90,9 +91,10 @@ class FeedForward(torch.nn.Module):
         self.dropout = float(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, w1, b1, w2, b2 = _cast_for_autocast(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         dropout_p = self.dropout if self.training else 0.0
-        return functional.feed_forward(x, w1, b1, w2, b2, activation=self.activation, dropout_p=dropout_p)
+        return functional.feed_forward(
+            x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, activation=self.activation, dropout_p=dropout_p
+        )
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, dropout={self.dropout}"
@@ -137,12 +139,8 @@ def _fused_norm(norm: torch.nn.Module, kind: str, x: torch.Tensor, residual: tor
         x, residual = x.to(dtype), residual.to(dtype)
     weight, bias = norm.weight, getattr(norm, "bias", None)
     out_dtype = None
-    if torch.is_autocast_enabled(x.device.type):
-        if x.device.type == "cpu":  # CPU autocast leaves torch's norms in the input's dtype
-            out_dtype = x.dtype
-        # Autocast runs the norm in float32; cast first so that fastattn's dtype checks see matching tensors.
-        x, residual, weight, bias = (None if t is None else t.float() for t in (x, residual, weight, bias))
-    elif weight is not None and weight.dtype != x.dtype:
+    # (autocast is fastattn.functional's: it runs the norm in float32, whatever the dtypes here)
+    if weight is not None and weight.dtype != x.dtype and not torch.is_autocast_enabled(device_type_of(x)):
         # torch accepts e.g. bf16 activations with fp32 norm parameters: it computes in the wider
         # dtype and returns the input's; do the same.
         out_dtype, wide = x.dtype, torch.promote_types(x.dtype, weight.dtype)
@@ -171,16 +169,6 @@ def fused_activation(activation) -> str | None:
     return None
 
 
-def _cast_for_autocast(*tensors):
-    """Under autocast, bring the FFN's operands to the autocast dtype before fastattn's dtype checks
-    (autocast would run both GEMMs in it anyway)."""
-    x = tensors[0]
-    if not torch.is_autocast_enabled(x.device.type):
-        return tensors
-    dtype = torch.get_autocast_dtype(x.device.type)
-    return tuple(None if t is None else t.to(dtype) for t in tensors)
-
-
 def feed_forward_block(x, linear1, activation, dropout, linear2) -> torch.Tensor:
     """``linear2(dropout(activation(linear1(x))))``: one fastattn.feed_forward call when the pieces are
     plain nn.Linear / nn.Dropout and the activation is one fastattn knows, else torch's own modules."""
@@ -193,6 +181,7 @@ def feed_forward_block(x, linear1, activation, dropout, linear2) -> torch.Tensor
     )
     if not plain:
         return linear2(dropout(activation(linear1(x))))
-    x, w1, b1, w2, b2 = _cast_for_autocast(x, linear1.weight, linear1.bias, linear2.weight, linear2.bias)
     dropout_p = dropout.p if dropout.training else 0.0  # the Dropout module's own mode, as torch's path
-    return functional.feed_forward(x, w1, b1, w2, b2, activation=name, dropout_p=dropout_p)
+    return functional.feed_forward(
+        x, linear1.weight, linear1.bias, linear2.weight, linear2.bias, activation=name, dropout_p=dropout_p
+    )

@@ -25,6 +25,7 @@ from fastattn.ops import below_autograd, claim_op, device_type_of, mask_kind, re
 from fastattn.utils import no_double_backward
 
 FAMILY = "attention"
+_BelowAutograd = torch._C._AutoDispatchBelowAutograd
 
 
 class AttentionParams(NamedTuple):
@@ -62,11 +63,14 @@ class AttentionCall(NamedTuple):
 
 def call_facts(p: AttentionParams, q: torch.Tensor, v: torch.Tensor) -> AttentionCall:
     mask = p.mask
-    return AttentionCall(
-        device_type_of(q), q.dtype, q.size(-1), v.size(-1), mask_kind(mask),
+    return _new_call(AttentionCall, (
+        device_type_of(q), q.dtype, q.shape[-1], v.shape[-1], mask_kind(mask),
         mask is not None and mask.requires_grad and torch.is_grad_enabled(),
         p.is_causal, p.dropout_p > 0.0, p.causal_align, p.window, p.softcap > 0.0, p.alibi_slopes is not None,
-    )  # fmt: skip
+    ))  # fmt: skip
+
+
+_new_call = tuple.__new__  # a NamedTuple built without its generated __new__ (one Python frame less per call)
 
 
 def unsupported_feature(call: AttentionCall) -> str | None:
@@ -88,9 +92,21 @@ def attention(p: AttentionParams, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if kernels.native_autograd:
         return kernels.forward(p, q, k, v)[0]
     if not records_graph(q, k, v):
-        with below_autograd():
+        with _BelowAutograd():  # (records_graph is True under torch.compile)
             return kernels.forward(p, q, k, v)[0]
     return kernels.function.apply(q, k, v, p.mask, p.seed, p.scale, p.is_causal, p.dropout_p)
+
+
+def attention_head_dim_0(p: AttentionParams, q, k, v) -> torch.Tensor:
+    """D = 0 (Dv > 0): every score is 0, so each row averages the values it sees (masks, causal
+    and dropout apply), as torch gives. No kernel takes D = 0; the op's own math runs, the same on
+    every backend, differentiated by torch, with the one dropout RNG."""
+    from fastattn import reference
+
+    keep = None
+    if p.dropout_p > 0.0:
+        keep = reference.dropout_keep(p.seed, (*q.shape[:-1], k.size(-2)), p.dropout_p).to(q.device)
+    return reference.attention(q, k, v, p.mask, p.dropout_p, p.is_causal, p.scale, q.size(1) != k.size(1), keep)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ from fastattn.utils import no_double_backward
 FAMILY = "feed_forward"
 
 
+_BelowAutograd = torch._C._AutoDispatchBelowAutograd
+
+
 class FeedForwardParams(NamedTuple):
     activation: str  # a name of fastattn.reference.ACTIVATIONS
     dropout_p: float = 0.0
@@ -49,7 +52,7 @@ def feed_forward(p: FeedForwardParams, x, w1, b1, w2, b2) -> torch.Tensor:
     if kernels.native_autograd:
         return kernels.forward(p, x, w1, b1, w2, b2)
     if not records_graph(x, w1, b1, w2, b2):
-        with below_autograd():
+        with _BelowAutograd():  # (records_graph is True under torch.compile)
             return kernels.forward(p, x, w1, b1, w2, b2)
     return kernels.function.apply(x, w1, b1, w2, b2, p.activation, p.dropout_p, p.seed)
 

@@ -28,6 +28,8 @@ from fastattn import dispatch
 from fastattn.ops import below_autograd, claim_op, device_type_of, records_graph
 from fastattn.utils import no_double_backward
 
+_BelowAutograd = torch._C._AutoDispatchBelowAutograd
+
 
 class NormParams(NamedTuple):
     eps: float
@@ -51,11 +53,12 @@ def norm(p: NormParams, x, weight, bias, residual):
     if kernels.native_autograd:
         return kernels.forward(p, x, weight, bias, residual)
     if not records_graph(x, weight, bias, residual):
-        with below_autograd():
+        with _BelowAutograd():  # (records_graph is True under torch.compile)
             y, s, _, _ = kernels.forward(p, x, weight, bias, residual)
-    else:
-        y, s = kernels.function.apply(x, weight, bias, residual, p.eps, p.rms)
-    return y, (s if residual is not None else None)
+        return y, (s if residual is not None else None)
+    if residual is None:
+        return kernels.function.apply(x, weight, bias, None, p.eps, p.rms), None
+    return kernels.function.apply(x, weight, bias, residual, p.eps, p.rms)
 
 
 def _save(ctx, x, weight, bias, residual, s, mean, rstd, p):
@@ -85,14 +88,14 @@ def _make_function(kernels):
             with below_autograd():
                 y, s, mean, rstd = kernels.forward(p, x, weight, bias, residual)
             _save(ctx, x, weight, bias, residual, s, mean, rstd, p)
+            if residual is None:  # one output: y
+                return y
             ctx.set_materialize_grads(False)  # an unused output's gradient comes as None
-            if residual is None:
-                ctx.mark_non_differentiable(s)
             return y, s
 
         @staticmethod
         @no_double_backward(op_name)
-        def backward(ctx, dy, ds_out):
+        def backward(ctx, dy, ds_out=None):
             dx, dweight, dbias, dresidual = _grads(kernels, ctx, dy, ds_out, *ctx.needs_input_grad[:4])
             return dx, dweight, dbias, dresidual, None, None
 

@@ -29,6 +29,9 @@ from fastattn.utils import no_double_backward, zero_hidden_scores
 FAMILY = "softmax"
 
 
+_BelowAutograd = torch._C._AutoDispatchBelowAutograd
+
+
 class SoftmaxParams(NamedTuple):
     scale: float = 1.0
     is_causal: bool = False
@@ -53,7 +56,7 @@ def softmax(p: SoftmaxParams, x: torch.Tensor) -> torch.Tensor:
     if kernels.native_autograd:
         return kernels.forward(p, x)
     if not records_graph(x, p.mask):
-        with below_autograd():
+        with _BelowAutograd():  # (records_graph is True under torch.compile)
             return kernels.forward(p, x)
     return kernels.function.apply(x, p.mask, p.scale, p.is_causal, p.log)
 
