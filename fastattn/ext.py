@@ -155,6 +155,9 @@ def dropout_mask(shape, p: float, seed, device="cpu") -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+_ops = torch.ops.fastattn  # (a module global: one attribute lookup less per call)
+
+
 class _Provider:
     native_autograd = False
     forward_op = None
@@ -185,7 +188,7 @@ class _Attention(_Provider):
         return None
 
     def forward(self, p, q, k, v):
-        return torch.ops.fastattn.attention_fwd.default(q, k, v, p.mask, p.scale, p.is_causal, p.dropout_p, p.seed)
+        return _ops.attention_fwd.default(q, k, v, p.mask, p.scale, p.is_causal, p.dropout_p, p.seed)
 
     def backward(self, p, dout, q, k, v, out, lse, need_dq, need_dkdv):
         return torch.ops.fastattn.attention_bwd.default(
@@ -203,7 +206,7 @@ class _Softmax(_Provider):
         return self._reason("softmax", "softmax_fwd", call.dtype)
 
     def forward(self, p, x):
-        return torch.ops.fastattn.softmax_fwd.default(x, p.mask, p.scale, p.is_causal, p.log)
+        return _ops.softmax_fwd.default(x, p.mask, p.scale, p.is_causal, p.log)
 
     def backward(self, p, dy, y, scale):
         return torch.ops.fastattn.softmax_bwd.default(dy, y, scale, p.log)
