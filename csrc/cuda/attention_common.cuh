@@ -96,28 +96,39 @@ __device__ __forceinline__ float masked_score_log2(float dot, const AttentionSha
 }
 
 // Dropout multiplier of element (b, h, i, j): 0 or 1/(1 - p). Same draw in forward and backward:
-// Philox stream b·Hq + h, row i, column j (csrc/dropout_rng.h).
+// Philox stream b·Hq + h, row i, column j (csrc/dropout_rng.h). Callers draw where few registers
+// are live (the simple forward kernel: a second pass over its weights, after the scores are dead).
+__device__ __forceinline__ float dropout_multiplier(uint64_t seed, uint32_t threshold, float kept, uint32_t stream,
+                                                 uint32_t i, uint32_t j) {
+  return dropout_bits(seed, stream, i, j) >= threshold ? kept : 0.f;
+}
+
 __device__ __forceinline__ float dropout_scale(const AttentionShape& sh, int b, int h, int i, int j) {
   const uint32_t stream = static_cast<uint32_t>(b) * static_cast<uint32_t>(sh.heads_q) + static_cast<uint32_t>(h);
-  return dropout_bits(dropout_seed_of(sh.dropout), stream, static_cast<uint32_t>(i), static_cast<uint32_t>(j)) >=
-                 sh.dropout.threshold
-             ? sh.dropout.scale
-             : 0.f;
+  return dropout_multiplier(dropout_seed_of(sh.dropout), sh.dropout.threshold, sh.dropout.scale, stream,
+                            static_cast<uint32_t>(i), static_cast<uint32_t>(j));
 }
 
 // The multipliers of the adjacent elements (b, h, i, j) and (b, h, i, j + 1), j even: one Philox
-// call, as both lie in the quad j / 4 (the two columns of a thread's mma C fragment).
+// call, as both lie in the quad j / 4 (the two columns of a thread's mma C fragment). A called
+// function (scalars in and out: no struct is copied to local memory): inlined into the mma
+// kernels' head-dim-256 loops, the Philox rounds pushed ptxas past 255 registers (16 bytes of
+// spills on sm_80); as a call they cost registers only on the dropout path.
 struct DropoutPair {
   float x, y;  // the multipliers of columns j and j + 1
 };
-__device__ __forceinline__ DropoutPair dropout_scale_pair(const AttentionShape& sh, int b, int h, int i, int j) {
-  const uint32_t stream = static_cast<uint32_t>(b) * static_cast<uint32_t>(sh.heads_q) + static_cast<uint32_t>(h);
-  const Philox4 r =
-      dropout_bits4(dropout_seed_of(sh.dropout), stream, static_cast<uint32_t>(i), static_cast<uint32_t>(j) >> 2);
+__device__ __noinline__ DropoutPair dropout_multiplier_pair(uint64_t seed, uint32_t threshold, float kept,
+                                                            uint32_t stream, uint32_t i, uint32_t j) {
+  const Philox4 r = dropout_bits4(seed, stream, i, j >> 2);
   const bool upper = (j & 2) != 0;
   const uint32_t w0 = upper ? r.x2 : r.x0, w1 = upper ? r.x3 : r.x1;
-  const float kept = sh.dropout.scale;
-  return {w0 >= sh.dropout.threshold ? kept : 0.f, w1 >= sh.dropout.threshold ? kept : 0.f};
+  return {w0 >= threshold ? kept : 0.f, w1 >= threshold ? kept : 0.f};
+}
+
+__device__ __forceinline__ DropoutPair dropout_scale_pair(const AttentionShape& sh, int b, int h, int i, int j) {
+  const uint32_t stream = static_cast<uint32_t>(b) * static_cast<uint32_t>(sh.heads_q) + static_cast<uint32_t>(h);
+  return dropout_multiplier_pair(dropout_seed_of(sh.dropout), sh.dropout.threshold, sh.dropout.scale, stream,
+                                 static_cast<uint32_t>(i), static_cast<uint32_t>(j));
 }
 
 }  // namespace cuda

@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
 // 16 query rows per block, 8 threads per row: a thread scores keys tr, tr+8, ... and owns output
 // columns tr, tr+8, ...; rows of shared tiles are padded by one float against bank conflicts.
 template <typename T, int kHeadDim, int kBlockN>
-__global__ void __launch_bounds__(128) attention_fwd_simple_kernel(const AttentionFwdParams p) {
+__global__ void __launch_bounds__(128, 1) attention_fwd_simple_kernel(const AttentionFwdParams p) {
   constexpr int kBlockM = 16, kThreads = 128, kRowThreads = 8, kLd = kHeadDim + 1, kLdP = kBlockN + 1;
   constexpr int kKeysPerThread = kBlockN / kRowThreads, kColsPerThread = kHeadDim / kRowThreads;
   FASTATTN_DYNAMIC_SHARED(float, q_tile);
@@ -274,10 +274,17 @@ __global__ void __launch_bounds__(128) attention_fwd_simple_kernel(const Attenti
 #pragma unroll
     for (int u = 0; u < kKeysPerThread; ++u) {
       const int jl = tr + kRowThreads * u;
-      float prob = exp2f(s[u] - base);
+      const float prob = exp2f(s[u] - base);
       block_sum += prob;
-      if (sh.dropout.active && prob != 0.f) prob *= dropout_scale(sh, qb.b, qb.h, i, k0 + jl);
       p_tile[row * kLdP + jl] = prob;
+    }
+    if (sh.dropout.active) {  // a second pass over this thread's own weights, after s[] is dead
+#pragma unroll 1
+      for (int u = 0; u < kKeysPerThread; ++u) {
+        const int jl = tr + kRowThreads * u;
+        const float prob = p_tile[row * kLdP + jl];
+        if (prob != 0.f) p_tile[row * kLdP + jl] = prob * dropout_scale(sh, qb.b, qb.h, i, k0 + jl);
+      }
     }
     row_sum = row_sum * alpha + block_sum;
 #pragma unroll
