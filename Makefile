@@ -56,6 +56,7 @@ check-sass: deps
 
 bench: build
 	$(PYTHON) -m benchmarks.run $(BENCH_ARGS)
+	$(PYTHON) -m benchmarks.bench_cpu_ratio $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
 
 # The prepared check for a lent GPU: one call (timeout 570 s), everything that matters in OUT (at most
 # 8 files): environment and ceilings, build, GPU tests, compute-sanitizer, key benchmarks, summary.md.
