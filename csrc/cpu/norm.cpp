@@ -127,7 +127,7 @@ int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int
 // cancel, as shifted_mean and centered_square_sum), then y = (s - mean) * rstd * w + b. w and b
 // (nullable) are read in T. Four accumulators per reduction.
 template <typename T>
-FASTATTN_AVX2 void norm_row_avx2(const T* x, const T* res, T* res_out, T* y, const T* w, const T* b, int64_t n,
+FASTATTN_AVX2 void norm_row_avx2(const T* x, const T* res, T* res_out, T* y, const float* w, const float* b, int64_t n,
                                  float eps, bool centered, float* mean_out, float* rstd_out) {
   using namespace avx2;
   const int64_t n8 = n & ~int64_t{7}, n32 = n & ~int64_t{31};
@@ -179,16 +179,23 @@ FASTATTN_AVX2 void norm_row_avx2(const T* x, const T* res, T* res_out, T* y, con
   if (mean_out) *mean_out = mu;
   *rstd_out = inv;
   const __m256 vinv = _mm256_set1_ps(inv);
-  for (c = 0; c < n8; c += 8) {
-    __m256 t = _mm256_mul_ps(_mm256_sub_ps(load8(s + c), vmu), vinv);
-    if (w) t = _mm256_mul_ps(t, load8(w + c));
-    if (b) t = _mm256_add_ps(t, load8(b + c));
-    store8(y + c, t);
+  if (w && b) {
+    for (c = 0; c < n8; c += 8) {
+      const __m256 t = _mm256_mul_ps(_mm256_sub_ps(load8(s + c), vmu), vinv);
+      store8(y + c, _mm256_fmadd_ps(t, _mm256_loadu_ps(w + c), _mm256_loadu_ps(b + c)));
+    }
+  } else {
+    for (c = 0; c < n8; c += 8) {
+      __m256 t = _mm256_mul_ps(_mm256_sub_ps(load8(s + c), vmu), vinv);
+      if (w) t = _mm256_mul_ps(t, _mm256_loadu_ps(w + c));
+      if (b) t = _mm256_add_ps(t, _mm256_loadu_ps(b + c));
+      store8(y + c, t);
+    }
   }
   for (; c < n; ++c) {
     float t = (static_cast<float>(s[c]) - mu) * inv;
-    if (w) t *= static_cast<float>(w[c]);
-    if (b) t += static_cast<float>(b[c]);
+    if (w) t *= w[c];
+    if (b) t += b[c];
     y[c] = static_cast<T>(t);
   }
 }
@@ -209,8 +216,19 @@ void norm_forward(const at::Tensor& x, const c10::optional<at::Tensor>& residual
       (!weight || weight->stride(0) == 1 || n == 1) && (!bias || bias->stride(0) == 1 || n == 1)) {
     const T* x_data = x.const_data_ptr<T>();
     const T* r_data = residual.has_value() ? residual->const_data_ptr<T>() : nullptr;
-    const T* w_data = weight.has_value() ? weight->const_data_ptr<T>() : nullptr;
-    const T* b_data = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
+    // weight and bias as float32: read in place when they are, else converted once into this
+    // thread's scratch (no allocation once warm), which the workers only read
+    static thread_local std::vector<float> params;
+    const float* w_data = nullptr;
+    const float* b_data = nullptr;
+    if constexpr (std::is_same_v<T, float>) {
+      w_data = weight.has_value() ? weight->const_data_ptr<float>() : nullptr;
+      b_data = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
+    } else {
+      if (static_cast<int64_t>(params.size()) < 2 * n) params.resize(static_cast<size_t>(2 * n));
+      if (weight.has_value()) load_row(params.data(), weight->const_data_ptr<T>(), n, 1), w_data = params.data();
+      if (bias.has_value()) load_row(params.data() + n, bias->const_data_ptr<T>(), n, 1), b_data = params.data() + n;
+    }
     const int64_t xs = x.stride(0), rs = residual.has_value() ? residual->stride(0) : 0;
     at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
