@@ -64,6 +64,18 @@ FASTATTN_AVX2 inline void store8(c10::Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
 
+// The value as computed, opaque to the optimiser: a product passed through it is rounded before a
+// following add (GCC would otherwise contract a * b - c into one FMA, whose unrounded product makes
+// x * scale - max(x * scale) nonzero at the max).
+FASTATTN_AVX2 inline __m256 rounded(__m256 v) {
+  asm("" : "+x"(v));
+  return v;
+}
+inline float rounded(float v) {
+  asm("" : "+x"(v));
+  return v;
+}
+
 // ---- horizontal reductions ----
 
 FASTATTN_AVX2 inline float hsum(__m256 v) {

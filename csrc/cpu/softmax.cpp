@@ -56,15 +56,15 @@ FASTATTN_AVX2 void softmax_row_avx2(const TIn* x, TOut* y, int64_t n, int64_t vi
   __m256 m0 = _mm256_set1_ps(-kInf), m1 = m0, m2 = m0, m3 = m0;
   int64_t j = 0;
   for (; j < v32; j += 32) {
-    m0 = _mm256_max_ps(_mm256_mul_ps(load8(x + j), vscale), m0);
-    m1 = _mm256_max_ps(_mm256_mul_ps(load8(x + j + 8), vscale), m1);
-    m2 = _mm256_max_ps(_mm256_mul_ps(load8(x + j + 16), vscale), m2);
-    m3 = _mm256_max_ps(_mm256_mul_ps(load8(x + j + 24), vscale), m3);
+    m0 = _mm256_max_ps(rounded(_mm256_mul_ps(load8(x + j), vscale)), m0);
+    m1 = _mm256_max_ps(rounded(_mm256_mul_ps(load8(x + j + 8), vscale)), m1);
+    m2 = _mm256_max_ps(rounded(_mm256_mul_ps(load8(x + j + 16), vscale)), m2);
+    m3 = _mm256_max_ps(rounded(_mm256_mul_ps(load8(x + j + 24), vscale)), m3);
   }
-  for (; j < v8; j += 8) m0 = _mm256_max_ps(_mm256_mul_ps(load8(x + j), vscale), m0);
+  for (; j < v8; j += 8) m0 = _mm256_max_ps(rounded(_mm256_mul_ps(load8(x + j), vscale)), m0);
   float m = hmax(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
   for (; j < visible; ++j) {
-    const float v = static_cast<float>(x[j]) * scale;
+    const float v = rounded(static_cast<float>(x[j]) * scale);
     m = v > m ? v : m;
   }
   if (m == -kInf) {  // every visible score is -inf (or NaN): the portable path decides
@@ -84,20 +84,20 @@ FASTATTN_AVX2 void softmax_row_avx2(const TIn* x, TOut* y, int64_t n, int64_t vi
   __m256 s0 = _mm256_setzero_ps(), s1 = s0;
   j = 0;
   for (; j + 16 <= visible; j += 16) {
-    const __m256 a = exp8(_mm256_fmsub_ps(load8(x + j), vscale, vm));
-    const __m256 b = exp8(_mm256_fmsub_ps(load8(x + j + 8), vscale, vm));
+    const __m256 a = exp8(_mm256_sub_ps(rounded(_mm256_mul_ps(load8(x + j), vscale)), vm));
+    const __m256 b = exp8(_mm256_sub_ps(rounded(_mm256_mul_ps(load8(x + j + 8), vscale)), vm));
     if (keep) _mm256_storeu_ps(keep + j, a), _mm256_storeu_ps(keep + j + 8, b);
     s0 = _mm256_add_ps(s0, a);
     s1 = _mm256_add_ps(s1, b);
   }
   for (; j < v8; j += 8) {
-    const __m256 a = exp8(_mm256_fmsub_ps(load8(x + j), vscale, vm));
+    const __m256 a = exp8(_mm256_sub_ps(rounded(_mm256_mul_ps(load8(x + j), vscale)), vm));
     if (keep) _mm256_storeu_ps(keep + j, a);
     s0 = _mm256_add_ps(s0, a);
   }
   float sum = hsum(_mm256_add_ps(s0, s1));
   for (; j < visible; ++j) {
-    const float a = simd::exp(static_cast<float>(x[j]) * scale - m);
+    const float a = simd::exp(rounded(static_cast<float>(x[j]) * scale) - m);
     if (keep) keep[j] = a;
     sum += a;
   }
@@ -105,8 +105,8 @@ FASTATTN_AVX2 void softmax_row_avx2(const TIn* x, TOut* y, int64_t n, int64_t vi
   if (log) {
     const float shift = m + std::log(sum);
     const __m256 vshift = _mm256_set1_ps(shift);
-    for (j = 0; j < v8; j += 8) store8(y + j, _mm256_fmsub_ps(load8(x + j), vscale, vshift));
-    for (; j < visible; ++j) y[j] = static_cast<TOut>(static_cast<float>(x[j]) * scale - shift);
+    for (j = 0; j < v8; j += 8) store8(y + j, _mm256_sub_ps(rounded(_mm256_mul_ps(load8(x + j), vscale)), vshift));
+    for (; j < visible; ++j) y[j] = static_cast<TOut>(rounded(static_cast<float>(x[j]) * scale) - shift);
   } else {
     const float inv = 1.f / sum;
     const __m256 vinv = _mm256_set1_ps(inv);
