@@ -115,6 +115,37 @@ FASTATTN_AVX2 void softmax_row_avx2(const TIn* x, TOut* y, int64_t n, int64_t vi
   }
   std::fill(y + visible, y + n, static_cast<TOut>(log ? -kInf : 0.f));
 }
+
+// The backward of one row straight from dy and y in their dtype (unit stride), no float copies:
+// softmax dx = scale * y * (dy - sum(dy * y)); log_softmax dx = scale * (dy - exp(y) * sum(dy)).
+template <typename T>
+FASTATTN_AVX2 void softmax_bwd_row_avx2(const T* dy, const T* y, T* dx, int64_t n, float scale, bool log) {
+  using namespace avx2;
+  const int64_t n8 = n & ~int64_t{7};
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    if (log) {
+      s0 = _mm256_add_ps(s0, load8(dy + j)), s1 = _mm256_add_ps(s1, load8(dy + j + 8));
+    } else {
+      s0 = _mm256_fmadd_ps(load8(dy + j), load8(y + j), s0);
+      s1 = _mm256_fmadd_ps(load8(dy + j + 8), load8(y + j + 8), s1);
+    }
+  }
+  for (; j < n8; j += 8) s0 = log ? _mm256_add_ps(s0, load8(dy + j)) : _mm256_fmadd_ps(load8(dy + j), load8(y + j), s0);
+  float total = hsum(_mm256_add_ps(s0, s1));
+  for (; j < n; ++j) total += log ? static_cast<float>(dy[j]) : static_cast<float>(dy[j]) * static_cast<float>(y[j]);
+  const __m256 vt = _mm256_set1_ps(total), vs = _mm256_set1_ps(scale);
+  for (j = 0; j < n8; j += 8) {
+    const __m256 g = load8(dy + j), p = load8(y + j);
+    const __m256 d = log ? _mm256_fnmadd_ps(exp8(p), vt, g) : _mm256_mul_ps(p, _mm256_sub_ps(g, vt));
+    store8(dx + j, _mm256_mul_ps(vs, d));
+  }
+  for (; j < n; ++j) {
+    const float g = static_cast<float>(dy[j]), p = static_cast<float>(y[j]);
+    dx[j] = static_cast<T>(scale * (log ? g - simd::exp(p) * total : p * (g - total)));
+  }
+}
 #endif
 
 // d log_softmax of one row: dx = scale * (dy - exp(y) * sum(dy)), torch's formula everywhere: where
@@ -208,6 +239,17 @@ void softmax_backward_rows(const at::Tensor& dy, const at::Tensor& y, float scal
   const int64_t dy_stride = dy.stride(-1), y_stride = y.stride(-1);
   T* dx_data = dx.data_ptr<T>();
 
+#if FASTATTN_HAS_AVX2
+  if constexpr (avx2::kLanes<T>) {
+    if (avx2::supported() && ((dy_stride == 1 && y_stride == 1) || n == 1)) {
+      at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row)
+          softmax_bwd_row_avx2<T>(dy_data + dy_rows(row), y_data + y_rows(row), dx_data + row * n, n, scale, log);
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
     float* g = scratch_row(2 * n);
     float* p = g + n;
