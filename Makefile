@@ -55,11 +55,13 @@ check-sass: deps
 	$(PYTHON) -m benchmarks.check_sass --jobs $(CHECK_JOBS) $(SASS_ARGS)
 
 # Then the host overhead per call of every public function and module against torch's op (tiny
-# inputs, one thread; issue 17's target is +25 us), and its README table.
+# inputs, one thread; issue 17's target is +25 us) with its README table, and the CPU kernels' speed
+# ratio to torch's ops (issue 18).
 bench: build
 	$(PYTHON) -m benchmarks.run $(BENCH_ARGS)
 	$(PYTHON) -m benchmarks.bench_overhead
 	$(PYTHON) -m benchmarks.bench_overhead --readme
+	$(PYTHON) -m benchmarks.bench_cpu_ratio $(if $(findstring --quick,$(BENCH_ARGS)),--quick)
 
 # The prepared check for a lent GPU: one call (timeout 570 s), everything that matters in OUT (at most
 # 8 files): environment and ceilings, build, GPU tests, compute-sanitizer, key benchmarks, summary.md.

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <type_traits>
 
+#include "avx2.h"
 #include "common.h"
 #include "simd.h"
 
@@ -119,6 +120,87 @@ std::vector<float> param_as_float(const c10::optional<at::Tensor>& t, int64_t n,
 
 int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
 
+#if FASTATTN_HAS_AVX2
+// One row of either norm's forward, straight from x (and residual) in their dtype, unit column
+// stride: s = x (+ residual, rounded to T and written to res_out, then read back from cache);
+// mean (LayerNorm) relative to s[0], then the centred square sum (two in-cache passes that cannot
+// cancel, as shifted_mean and centered_square_sum), then y = (s - mean) * rstd * w + b. w and b
+// (nullable) are read in T. Four accumulators per reduction.
+template <typename T>
+FASTATTN_AVX2 void norm_row_avx2(const T* x, const T* res, T* res_out, T* y, const float* w, const float* b, int64_t n,
+                                 float eps, bool centered, float* mean_out, float* rstd_out) {
+  using namespace avx2;
+  const int64_t n8 = n & ~int64_t{7}, n32 = n & ~int64_t{31};
+  const T* s = x;
+  if (res != nullptr) {
+    int64_t c = 0;
+    for (; c < n8; c += 8) store8(res_out + c, _mm256_add_ps(load8(x + c), load8(res + c)));
+    for (; c < n; ++c) res_out[c] = static_cast<T>(static_cast<float>(x[c]) + static_cast<float>(res[c]));
+    s = res_out;
+  }
+  float mu = 0.f;
+  if (centered) {
+    const float origin = static_cast<float>(s[0]);
+    const __m256 vo = _mm256_set1_ps(origin);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t c = 0;
+    for (; c < n32; c += 32) {
+      a0 = _mm256_add_ps(a0, _mm256_sub_ps(load8(s + c), vo));
+      a1 = _mm256_add_ps(a1, _mm256_sub_ps(load8(s + c + 8), vo));
+      a2 = _mm256_add_ps(a2, _mm256_sub_ps(load8(s + c + 16), vo));
+      a3 = _mm256_add_ps(a3, _mm256_sub_ps(load8(s + c + 24), vo));
+    }
+    for (; c < n8; c += 8) a0 = _mm256_add_ps(a0, _mm256_sub_ps(load8(s + c), vo));
+    float sum = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; c < n; ++c) sum += static_cast<float>(s[c]) - origin;
+    mu = origin + sum / static_cast<float>(n);
+  }
+  const __m256 vmu = _mm256_set1_ps(mu);
+  __m256 q0 = _mm256_setzero_ps(), q1 = q0, q2 = q0, q3 = q0;
+  int64_t c = 0;
+  for (; c < n32; c += 32) {
+    const __m256 d0 = _mm256_sub_ps(load8(s + c), vmu), d1 = _mm256_sub_ps(load8(s + c + 8), vmu);
+    const __m256 d2 = _mm256_sub_ps(load8(s + c + 16), vmu), d3 = _mm256_sub_ps(load8(s + c + 24), vmu);
+    q0 = _mm256_fmadd_ps(d0, d0, q0);
+    q1 = _mm256_fmadd_ps(d1, d1, q1);
+    q2 = _mm256_fmadd_ps(d2, d2, q2);
+    q3 = _mm256_fmadd_ps(d3, d3, q3);
+  }
+  for (; c < n8; c += 8) {
+    const __m256 d = _mm256_sub_ps(load8(s + c), vmu);
+    q0 = _mm256_fmadd_ps(d, d, q0);
+  }
+  float sq = hsum(_mm256_add_ps(_mm256_add_ps(q0, q1), _mm256_add_ps(q2, q3)));
+  for (; c < n; ++c) {
+    const float d = static_cast<float>(s[c]) - mu;
+    sq += d * d;
+  }
+  const float inv = 1.f / std::sqrt(sq / static_cast<float>(n) + eps);
+  if (mean_out) *mean_out = mu;
+  *rstd_out = inv;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  if (w && b) {
+    for (c = 0; c < n8; c += 8) {
+      const __m256 t = _mm256_mul_ps(_mm256_sub_ps(load8(s + c), vmu), vinv);
+      store8(y + c, _mm256_fmadd_ps(t, _mm256_loadu_ps(w + c), _mm256_loadu_ps(b + c)));
+    }
+  } else {
+    for (c = 0; c < n8; c += 8) {
+      __m256 t = _mm256_mul_ps(_mm256_sub_ps(load8(s + c), vmu), vinv);
+      if (w) t = _mm256_mul_ps(t, _mm256_loadu_ps(w + c));
+      if (b) t = _mm256_add_ps(t, _mm256_loadu_ps(b + c));
+      store8(y + c, t);
+    }
+  }
+  for (; c < n; ++c) {
+    float t = (static_cast<float>(s[c]) - mu) * inv;
+    if (w) t *= w[c];
+    if (b) t += b[c];
+    y[c] = static_cast<T>(t);
+  }
+}
+#endif
+
 // Both norms' forward: y = (s - mean) * rstd * weight + bias, mean = 0 and no bias for RMSNorm
 // (centered = false), rstd = 1 / sqrt(mean((s - mean)^2) + eps).
 template <typename T>
@@ -126,9 +208,38 @@ void norm_forward(const at::Tensor& x, const c10::optional<at::Tensor>& residual
                   const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, float eps,
                   bool centered, at::Tensor& y, at::Tensor& residual_out, float* mean, float* rstd) {
   const int64_t rows = x.size(0), n = x.size(1);
-  const std::vector<float> w = param_as_float<T>(weight, n, 1.f), b = param_as_float<T>(bias, n, 0.f);
   T* res_out = residual.has_value() ? residual_out.data_ptr<T>() : nullptr;
   T* y_data = y.data_ptr<T>();
+#if FASTATTN_HAS_AVX2
+  // Unit column strides everywhere: each row straight from x in its dtype, no buffers.
+  if constexpr (avx2::kLanes<T>) if (avx2::supported() && (x.stride(1) == 1 || n == 1) && (!residual || residual->stride(1) == 1 || n == 1) &&
+      (!weight || weight->stride(0) == 1 || n == 1) && (!bias || bias->stride(0) == 1 || n == 1)) {
+    const T* x_data = x.const_data_ptr<T>();
+    const T* r_data = residual.has_value() ? residual->const_data_ptr<T>() : nullptr;
+    // weight and bias as float32: read in place when they are, else converted once into this
+    // thread's scratch (no allocation once warm), which the workers only read
+    static thread_local std::vector<float> params;
+    const float* w_data = nullptr;
+    const float* b_data = nullptr;
+    if constexpr (std::is_same_v<T, float>) {
+      w_data = weight.has_value() ? weight->const_data_ptr<float>() : nullptr;
+      b_data = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
+    } else {
+      if (static_cast<int64_t>(params.size()) < 2 * n) params.resize(static_cast<size_t>(2 * n));
+      if (weight.has_value()) load_row(params.data(), weight->const_data_ptr<T>(), n, 1), w_data = params.data();
+      if (bias.has_value()) load_row(params.data() + n, bias->const_data_ptr<T>(), n, 1), b_data = params.data() + n;
+    }
+    const int64_t xs = x.stride(0), rs = residual.has_value() ? residual->stride(0) : 0;
+    at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        norm_row_avx2<T>(x_data + r * xs, r_data ? r_data + r * rs : nullptr, res_out ? res_out + r * n : nullptr,
+                         y_data + r * n, w_data, b_data, n, eps, centered, mean ? mean + r : nullptr, rstd + r);
+      }
+    });
+    return;
+  }
+#endif
+  const std::vector<float> w = param_as_float<T>(weight, n, 1.f), b = param_as_float<T>(bias, n, 0.f);
   // float32 rows with unit stride are read and written in place; other layouts and dtypes go
   // through float32 row buffers.
   const bool in_place = std::is_same_v<T, float> && x.stride(1) == 1 && (!residual || residual->stride(1) == 1);

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 
+#include "avx2.h"
 #include "common.h"
 #include "simd.h"
 
@@ -16,7 +17,89 @@ namespace fastattn::cpu {
 
 float exp_scalar(float x) { return simd::exp(x); }
 
+#if FASTATTN_HAS_AVX2
+namespace {
+// row_max and exp_shift(_sum) with four / two accumulators and the 8-lane exp (avx2.h); the
+// portable versions below keep one accumulator (GCC's reductions), a quarter of the rate.
+FASTATTN_AVX2 float row_max_avx2(const float* x, int64_t n) {
+  __m256 m0 = _mm256_set1_ps(-kInf), m1 = m0, m2 = m0, m3 = m0, nan = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + i + 8);
+    const __m256 c = _mm256_loadu_ps(x + i + 16), d = _mm256_loadu_ps(x + i + 24);
+    m0 = _mm256_max_ps(a, m0), m1 = _mm256_max_ps(b, m1), m2 = _mm256_max_ps(c, m2), m3 = _mm256_max_ps(d, m3);
+    nan = _mm256_or_ps(nan, _mm256_or_ps(_mm256_cmp_ps(a, b, _CMP_UNORD_Q), _mm256_cmp_ps(c, d, _CMP_UNORD_Q)));
+  }
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a = _mm256_loadu_ps(x + i);
+    m0 = _mm256_max_ps(a, m0);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+  }
+  float m = avx2::hmax(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+  bool any_nan = _mm256_movemask_ps(nan) != 0;
+  for (; i < n; ++i) {
+    m = x[i] > m ? x[i] : m;
+    any_nan |= x[i] != x[i];
+  }
+  return any_nan ? std::numeric_limits<float>::quiet_NaN() : m;  // NaN in, NaN out (as torch)
+}
+
+template <bool kSum>
+FASTATTN_AVX2 float exp_shift_avx2(float* x, int64_t n, float shift) {
+  const __m256 vs = _mm256_set1_ps(shift);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 a = avx2::exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
+    const __m256 b = avx2::exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), vs));
+    _mm256_storeu_ps(x + i, a), _mm256_storeu_ps(x + i + 8, b);
+    if (kSum) s0 = _mm256_add_ps(s0, a), s1 = _mm256_add_ps(s1, b);
+  }
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a = avx2::exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
+    _mm256_storeu_ps(x + i, a);
+    if (kSum) s0 = _mm256_add_ps(s0, a);
+  }
+  float sum = kSum ? avx2::hsum(_mm256_add_ps(s0, s1)) : 0.f;
+  for (; i < n; ++i) {
+    x[i] = simd::exp(x[i] - shift);
+    sum += x[i];
+  }
+  return sum;
+}
+
+// sum(a * b) (b = nullptr: sum(a)) with four accumulators.
+FASTATTN_AVX2 float row_dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t i = 0;
+  if (b != nullptr) {
+    for (; i + 32 <= n; i += 32) {
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+      s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+      s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+  } else {
+    for (; i + 32 <= n; i += 32) {
+      s0 = _mm256_add_ps(_mm256_loadu_ps(a + i), s0);
+      s1 = _mm256_add_ps(_mm256_loadu_ps(a + i + 8), s1);
+      s2 = _mm256_add_ps(_mm256_loadu_ps(a + i + 16), s2);
+      s3 = _mm256_add_ps(_mm256_loadu_ps(a + i + 24), s3);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_add_ps(_mm256_loadu_ps(a + i), s0);
+  }
+  float sum = avx2::hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+  for (; i < n; ++i) sum += b != nullptr ? a[i] * b[i] : a[i];
+  return sum;
+}
+}  // namespace
+#endif
+
 FASTATTN_CLONES float row_max(const float* x, int64_t n) {
+#if FASTATTN_HAS_AVX2
+  if (avx2::supported()) return row_max_avx2(x, n);
+#endif
   float m = -kInf;
   int nans = 0;  // counted beside the max: a max reduction would drop them
 #pragma omp simd reduction(max : m) reduction(+ : nans)
@@ -28,6 +111,9 @@ FASTATTN_CLONES float row_max(const float* x, int64_t n) {
 }
 
 FASTATTN_CLONES float exp_shift_sum(float* x, int64_t n, float shift) {
+#if FASTATTN_HAS_AVX2
+  if (avx2::supported()) return exp_shift_avx2<true>(x, n, shift);
+#endif
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
@@ -39,6 +125,12 @@ FASTATTN_CLONES float exp_shift_sum(float* x, int64_t n, float shift) {
 }
 
 FASTATTN_CLONES void exp_shift(float* x, int64_t n, float shift) {
+#if FASTATTN_HAS_AVX2
+  if (avx2::supported()) {
+    exp_shift_avx2<false>(x, n, shift);
+    return;
+  }
+#endif
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) x[i] = simd::exp(x[i] - shift);
 }
@@ -49,6 +141,9 @@ FASTATTN_CLONES void scale_row(float* x, int64_t n, float factor) {
 }
 
 FASTATTN_CLONES float row_sum(const float* x, int64_t n) {
+#if FASTATTN_HAS_AVX2
+  if (avx2::supported()) return row_dot_avx2(x, nullptr, n);
+#endif
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += x[i];
@@ -56,6 +151,9 @@ FASTATTN_CLONES float row_sum(const float* x, int64_t n) {
 }
 
 FASTATTN_CLONES float row_dot(const float* a, const float* b, int64_t n) {
+#if FASTATTN_HAS_AVX2
+  if (avx2::supported()) return row_dot_avx2(a, b, n);
+#endif
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
