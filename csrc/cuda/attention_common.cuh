@@ -95,6 +95,13 @@ __device__ __forceinline__ float masked_score_log2(float dot, const AttentionSha
   return x;
 }
 
+// A device function kept out of line (the CPU emulator compiles these sources with the host compiler).
+#if defined(FASTATTN_EMULATE)
+#define FASTATTN_NOINLINE static __attribute__((noinline))  // static: one copy per translation unit
+#else
+#define FASTATTN_NOINLINE __noinline__
+#endif
+
 // Dropout multiplier of element (b, h, i, j): 0 or 1/(1 - p). Same draw in forward and backward:
 // Philox stream b·Hq + h, row i, column j (csrc/dropout_rng.h). Callers draw where few registers
 // are live (the simple forward kernel: a second pass over its weights, after the scores are dead).
@@ -117,7 +124,7 @@ __device__ __forceinline__ float dropout_scale(const AttentionShape& sh, int b, 
 struct DropoutPair {
   float x, y;  // the multipliers of columns j and j + 1
 };
-__device__ __noinline__ DropoutPair dropout_multiplier_pair(uint64_t seed, uint32_t threshold, float kept,
+__device__ FASTATTN_NOINLINE DropoutPair dropout_multiplier_pair(uint64_t seed, uint32_t threshold, float kept,
                                                             uint32_t stream, uint32_t i, uint32_t j) {
   const Philox4 r = dropout_bits4(seed, stream, i, j >> 2);
   const bool upper = (j & 2) != 0;
